@@ -1,0 +1,1 @@
+"""Benchmark suite: kernel and end-to-end, each configuration in its own process."""

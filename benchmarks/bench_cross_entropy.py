@@ -1,0 +1,199 @@
+"""Fused response-only cross-entropy against its floor, unfused PyTorch and the peers.
+
+    python -m benchmarks.bench_cross_entropy --vocab 128256 --frozen --trainable
+
+Per configuration (N tokens of width d, vocabulary V, fp32, 40% of rows prompt), each method
+runs in its own process (peak memory is its own):
+
+- ``fused``: ``unlearn_kernels.fused_linear_cross_entropy`` forward + backward. The same
+  process also times the *floor*, the matrix products the fused op cannot avoid on the valid
+  rows (``H_v Wᵀ``, ``G W`` and, with a trainable weight, ``Gᵀ H_v``), alternating with the
+  fused op so both see the same machine load;
+- ``unfused``: ``F.cross_entropy`` on materialised logits over all rows (eager);
+- ``compiled``: ``torch.compile`` of the unfused loss;
+- ``cce``: cut-cross-entropy's ``linear_cross_entropy(impl="torch_compile")``.
+Liger-Kernel's fused linear cross-entropy is Triton-only; under the CPU interpreter it is far
+too slow at these shapes, so it is not timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.harness import fmt_bytes, measure, peak_bytes, reset_peak, run_isolated
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cross_entropy.md"
+METHODS = ("fused", "unfused", "compiled", "cce")
+PROMPT_FRACTION = 0.4
+
+
+def make_inputs(n: int, d: int, vocab: int, trainable: bool):
+    """Hidden states, output weight and labels whose first 40% of each sequence is prompt."""
+    import torch
+
+    torch.manual_seed(0)
+    hidden = torch.empty(n, d).normal_().requires_grad_()
+    weight = torch.empty(vocab, d).normal_(std=d**-0.5).requires_grad_(trainable)
+    seq = 512
+    labels = torch.randint(0, vocab, (n,))
+    prompt = (torch.arange(n) % seq) < int(PROMPT_FRACTION * seq)
+    labels[prompt] = -100
+    return hidden, weight, labels
+
+
+def clear_grads(*tensors) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def worker(method: str, n: int, d: int, vocab: int, trainable: bool, repeats: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    hidden, weight, labels = make_inputs(n, d, vocab, trainable)
+
+    def unfused() -> float:
+        loss = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+        loss.backward()
+        clear_grads(hidden, weight)
+        return loss.item()
+
+    if method == "fused":
+        import unlearn_kernels as uk
+
+        def fused() -> float:
+            loss = uk.fused_linear_cross_entropy(hidden, weight, labels)
+            loss.backward()
+            clear_grads(hidden, weight)
+            return loss.item()
+
+        valid = (labels != -100).nonzero().squeeze(1)
+        h_valid = hidden.detach()[valid]
+        w = weight.detach()
+
+        def floor() -> None:
+            logits = h_valid @ w.t()
+            torch.mm(logits, w)
+            if trainable:
+                torch.mm(logits.t(), h_valid)
+
+        base = reset_peak()
+        value = fused()
+        peak = peak_bytes() - base
+        fused_times, floor_times = [], []
+        for _ in range(repeats):
+            for step, times in ((floor, floor_times), (fused, fused_times)):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+        return {
+            "times": fused_times,
+            "median": statistics.median(fused_times),
+            "floor_times": floor_times,
+            "floor_median": statistics.median(floor_times),
+            "peak_above_inputs": peak,
+            "value": value,
+            "backend": uk.backend_name(None, hidden.device),
+        }
+    if method == "unfused":
+        return measure(unfused, repeats)
+    if method == "compiled":
+        compiled = torch.compile(lambda h, w, y: F.cross_entropy(h @ w.t(), y, ignore_index=-100))
+
+        def step() -> float:
+            loss = compiled(hidden, weight, labels)
+            loss.backward()
+            clear_grads(hidden, weight)
+            return loss.item()
+
+        step()  # compile outside the measurement
+        return measure(step, repeats)
+    if method == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        def step() -> float:
+            loss = linear_cross_entropy(
+                hidden, weight, labels, impl="torch_compile", shift=False, ignore_index=-100
+            )
+            loss.backward()
+            clear_grads(hidden, weight)
+            return loss.item()
+
+        step()
+        return measure(step, repeats)
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def table(rows: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
+    fused = rows["fused"]
+    floor = fused.get("floor_median")
+    unfused = rows.get("unfused", {})
+    title = f"N={n}, d={d}, V={vocab}, fp32, {'trainable' if trainable else 'frozen'} weight"
+    lines = [
+        f"### {title}",
+        "",
+        "| method | median s | × floor | × unfused time | peak above inputs | × unfused peak |"
+        " loss |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if floor:
+        lines.append(f"| floor (products on valid rows) | {floor:.2f} | 1.00 | | | | |")
+    for name, row in rows.items():
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | | | | |")
+            continue
+        t, peak = row["median"], row["peak_above_inputs"]
+        x_floor = f"{t / floor:.3f}" if floor else ""
+        x_time = f"{t / unfused['median']:.3f}" if "median" in unfused else ""
+        x_peak = f"{peak / unfused['peak_above_inputs']:.3f}" if "median" in unfused else ""
+        label = f"fused ({fused.get('backend')})" if name == "fused" else name
+        lines.append(
+            f"| {label} | {t:.2f} | {x_floor} | {x_time} | {fmt_bytes(peak)} | {x_peak} "
+            f"| {row['value']:.6f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--d", type=int, default=2048)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[128256])
+    parser.add_argument("--frozen", action="store_true", help="frozen output weight")
+    parser.add_argument("--trainable", action="store_true", help="trainable output weight")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    modes = [t for t, on in ((False, args.frozen), (True, args.trainable)) if on] or [False]
+    if args.worker:
+        report = worker(args.worker, args.n, args.d, args.vocab[0], modes[0], args.repeats)
+        print(json.dumps(report))
+        return
+    command = "python -m benchmarks.bench_cross_entropy " + " ".join(argv or sys.argv[1:])
+    sections = []
+    for vocab in args.vocab:
+        for trainable in modes:
+            rows = {}
+            for method in args.methods:
+                flags = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(vocab)]
+                flags += ["--trainable" if trainable else "--frozen", "--repeats"]
+                flags += [str(args.repeats), "--worker", method]
+                rows[method] = run_isolated("benchmarks.bench_cross_entropy", flags)
+                print(method, json.dumps(rows[method]), flush=True)
+            section = table(rows, args.n, args.d, vocab, trainable)
+            print(section, flush=True)
+            sections.append(section)
+    header = f"Command: `{command}`\n\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(f"## Fused linear cross-entropy\n\n{header}" + "\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Shared benchmark machinery: one configuration per process, timed and measured alike.
+
+Each measured method runs in its own Python process (``python -m benchmarks.harness``
+re-entered through :func:`run_isolated`) so that its peak resident memory (``VmHWM``) is its
+own. Inside it, inputs are built first, the peak is reset (``/proc/self/clear_refs``), then the
+method runs ``repeats`` times after one warm-up; the report is the peak above the resident
+size right before the first call, and every timing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak() -> int:
+    """Reset ``VmHWM`` to the current resident size; return that size in bytes."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def time_calls(step: Callable[[], object], repeats: int) -> list[float]:
+    """Wall time of ``repeats`` calls of ``step`` (after the caller's warm-up)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(step: Callable[[], object], repeats: int) -> dict:
+    """Warm up once, then time ``repeats`` calls; peak memory above the pre-call resident size."""
+    base = reset_peak()
+    result = step()
+    times = time_calls(step, repeats)
+    return {
+        "times": times,
+        "median": statistics.median(times),
+        "peak_above_inputs": peak_bytes() - base,
+        "value": float(result) if result is not None else None,
+    }
+
+
+def run_isolated(module: str, args: list[str], timeout: float = 3600) -> dict:
+    """Run ``python -m module *args`` (which prints one JSON line last) and parse its report."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"

@@ -1,0 +1,205 @@
+"""Readable PyTorch epilogues: the specification every other backend follows.
+
+An epilogue receives one chunk of raw logits ``x`` (``[n, V]``, contiguous, any float
+dtype) produced by the chunk driver and finishes the loss on it in fp32 (fp64 for fp64 input, so
+``gradcheck`` can run). When asked for a
+gradient it overwrites ``x`` in place with ``∂loss/∂x`` (in ``x``'s dtype), so the driver can
+project it back without a second ``[n, V]`` buffer.
+
+Softcap: ``z = c·tanh(x/c)`` and ``∂z/∂x = 1 − (z/c)²``; without softcap ``z = x``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _softcapped(x: Tensor, softcap: float | None) -> Tensor:
+    z = x.to(torch.promote_types(x.dtype, torch.float32))
+    return z if softcap is None else torch.tanh(z / softcap) * softcap
+
+
+def _write_grad(x: Tensor, grad_z: Tensor, z: Tensor, softcap: float | None) -> None:
+    if softcap is not None:
+        grad_z = grad_z * (1.0 - (z / softcap).square())
+    x.copy_(grad_z)
+
+
+def _ce_grad(z: Tensor, target: Tensor, shift: Tensor, log_sum: Tensor, scale: Tensor) -> Tensor:
+    """``s_i · (softmax(z_i) − e_{y_i})`` with ``softmax = exp((z − shift) − log_sum)``."""
+    grad = torch.exp((z - shift[:, None]) - log_sum[:, None])
+    grad[torch.arange(z.shape[0], device=z.device), target] -= 1.0
+    return grad.mul_(scale[:, None])
+
+
+def split_lse(lse: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``lse = hi + lo`` with ``hi, lo`` in ``dtype``: ``z − hi`` is exact near the maximum, so
+    ``exp((z − hi) − lo)`` keeps full precision even for logits of order 1e4."""
+    hi = lse.to(dtype)
+    return hi, (lse - hi.to(lse.dtype)).to(dtype)
+
+
+def ce_forward(
+    x: Tensor, target: Tensor, grad_scale: Tensor | None, softcap: float | None
+) -> tuple[Tensor, Tensor]:
+    """Per-row ``ℓ_i = lse(z_i) − z_{i,y_i}`` (fp32, fp64 for fp64 input) and ``lse(z_i)``
+    (always fp64, so that :func:`ce_backward` can rebuild the softmax exactly).
+
+    With ``grad_scale`` (``[n]``, the accumulation dtype), ``x`` is overwritten by
+    ``s_i (softmax(z_i) − e_{y_i})`` times the softcap derivative.
+    """
+    z = _softcapped(x, softcap)
+    row_max = z.amax(dim=1)
+    log_sum = torch.log(torch.exp(z - row_max[:, None]).sum(dim=1))
+    loss = (row_max - z.gather(1, target[:, None]).squeeze(1)) + log_sum
+    if grad_scale is not None:
+        _write_grad(x, _ce_grad(z, target, row_max, log_sum, grad_scale), z, softcap)
+    return loss, row_max.double() + log_sum.double()
+
+
+def ce_backward(
+    x: Tensor, target: Tensor, lse: Tensor, grad_scale: Tensor, softcap: float | None
+) -> None:
+    """Recompute-mode backward: overwrite ``x`` with the gradient, using the saved fp64 ``lse``."""
+    z = _softcapped(x, softcap)
+    hi, lo = split_lse(lse, z.dtype)
+    _write_grad(x, _ce_grad(z, target, hi, lo, grad_scale), z, softcap)
+
+
+# ---- forward KL to a reference (fused_linear_kl, fused_linear_kl_topk) --------------------
+#
+# Zero-probability rule, shared by every backend: a reference entry with p = 0 (log p = −inf,
+# or p underflowing to 0) contributes 0 to the loss and q/τ·s to the gradient, whatever q is;
+# p > 0 against q = 0 gives +inf. The same holds for the top-k tail: p_t = 0 (log p_t = −inf)
+# contributes 0, and an empty student tail (q_t = 0, e.g. k = V) with p_t > 0 gives +inf.
+
+
+def _accumulated(x: Tensor, temperature: float) -> Tensor:
+    """``z = x / τ`` in fp32 (fp64 for fp64 input)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32)) / temperature
+
+
+def _log_normaliser(z: Tensor) -> Tensor:
+    """Row-wise ``log Σ_v exp(z_v)`` in fp64, as ``max + log Σ exp(z − max)`` (−inf for an
+    all −inf row)."""
+    row_max = z.amax(dim=1)
+    shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    log_sum = torch.log(torch.exp(z - shift[:, None]).sum(dim=1))
+    return shift.double() + log_sum.double()
+
+
+def _shifted(z: Tensor, value: Tensor) -> Tensor:
+    """``z − value`` for fp64 per-row ``value``: ``z − hi − lo`` with ``value = hi + lo`` (see
+    :func:`split_lse`), exact near the maximum even for logits of order 1e4; ±inf stay ±inf."""
+    hi, lo = split_lse(value, z.dtype)
+    lo = torch.where(torch.isfinite(hi), lo, torch.zeros_like(lo))
+    return (z - hi[:, None]) - lo[:, None]
+
+
+def _xlogy_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``p (log p − log q)`` elementwise, 0 where ``p = 0``."""
+    p = torch.exp(log_p)
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
+def _kl_grad(log_q: Tensor, log_p: Tensor, coef: Tensor) -> Tensor:
+    """``coef_i (q − p)``."""
+    return (torch.exp(log_q) - torch.exp(log_p)).mul_(coef[:, None])
+
+
+def kl_forward(
+    x: Tensor, x_ref: Tensor, grad_scale: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``KL(p ‖ q) = Σ_v p_v (log p_v − log q_v)`` with ``p = softmax(x_ref/τ)``,
+    ``q = softmax(x/τ)``, in fp32 (fp64 for fp64 input), and the fp64 log-normalisers
+    ``lse = log Σ exp(x/τ)``, ``lse_ref = log Σ exp(x_ref/τ)``: ``(kl, lse, lse_ref)``.
+
+    With ``grad_scale`` ``s``, ``x`` is overwritten by ``s_i (q_i − p_i) / τ``; ``x_ref`` is only
+    read.
+    """
+    z, z_ref = _accumulated(x, temperature), _accumulated(x_ref, temperature)
+    lse, lse_ref = _log_normaliser(z), _log_normaliser(z_ref)
+    log_q, log_p = _shifted(z, lse), _shifted(z_ref, lse_ref)
+    kl = _xlogy_ratio(log_p, log_q).sum(1)
+    if grad_scale is not None:
+        x.copy_(_kl_grad(log_q, log_p, grad_scale / temperature))
+    return kl, lse, lse_ref
+
+
+def kl_backward(
+    x: Tensor, x_ref: Tensor, lse: Tensor, lse_ref: Tensor, grad_scale: Tensor, temperature: float
+) -> None:
+    """Recompute-mode backward: overwrite ``x`` with ``s_i (q_i − p_i) / τ`` from the saved
+    fp64 log-normalisers."""
+    z, z_ref = _accumulated(x, temperature), _accumulated(x_ref, temperature)
+    x.copy_(_kl_grad(_shifted(z, lse), _shifted(z_ref, lse_ref), grad_scale / temperature))
+
+
+def _topk_grad(
+    z: Tensor,
+    index: Tensor,
+    logprob: Tensor,
+    tail_logprob: Tensor,
+    lse: Tensor,
+    lse_tail: Tensor,
+    coef: Tensor,
+) -> Tensor:
+    """``coef_i ∂KL̃_i/∂z_i``: ``P q_v − p_v`` on the top-k, ``P q_v − p_t q_v / q_t`` off it,
+    where ``P = Σ_K p_k + p_t`` (1 for a consistent cache) and ``q_v / q_t = exp(z_v − lse_t)``.
+    """
+    total = torch.exp(logprob).sum(1) + torch.exp(tail_logprob)
+    # p_t q_v / q_t = exp(z_v − (lse_t − log p_t)), and 0 when p_t = 0 (even for an empty tail).
+    tail_lt = tail_logprob.double()
+    tail_shift = torch.where(
+        tail_lt == float("-inf"), torch.full_like(tail_lt, float("inf")), lse_tail - tail_lt
+    )
+    log_q = _shifted(z, lse)
+    grad = total[:, None] * torch.exp(log_q) - torch.exp(_shifted(z, tail_shift))
+    on_k = total[:, None] * torch.exp(log_q.gather(1, index)) - torch.exp(logprob)
+    return grad.scatter_(1, index, on_k).mul_(coef[:, None])
+
+
+def kl_topk_forward(
+    x: Tensor,
+    index: Tensor,
+    logprob: Tensor,
+    tail_logprob: Tensor,
+    grad_scale: Tensor | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k KL ``Σ_{k∈K} p_k log(p_k/q_k) + p_t log(p_t/q_t)``, ``q = softmax(x/τ)``,
+    ``q_t = Σ_{v∉K} q_v`` (summed directly, never as ``1 − Σ_K q_k``), in fp32 (fp64), and the
+    fp64 ``lse = log Σ_v e^{x_v/τ}``, ``lse_t = log Σ_{v∉K} e^{x_v/τ}`` (−inf for an empty
+    tail): ``(kl, lse, lse_t)``.
+
+    ``index`` int64 ``[n, k]`` (distinct per row), ``logprob`` ``[n, k]`` = log p_k,
+    ``tail_logprob`` ``[n]`` = log p_t. With ``grad_scale`` ``s``, ``x`` is overwritten by
+    ``s_i/τ ·`` the gradient of :func:`_topk_grad`.
+    """
+    z = _accumulated(x, temperature)
+    lp, lt = logprob.to(z.dtype), tail_logprob.to(z.dtype)
+    in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(1, index, True)
+    lse = _log_normaliser(z)
+    lse_tail = _log_normaliser(z.masked_fill(in_k, float("-inf")))
+    kl = _xlogy_ratio(lp, _shifted(z.gather(1, index), lse)).sum(1)
+    kl = kl + _xlogy_ratio(lt, (lse_tail - lse).to(z.dtype))
+    if grad_scale is not None:
+        x.copy_(_topk_grad(z, index, lp, lt, lse, lse_tail, grad_scale / temperature))
+    return kl, lse, lse_tail
+
+
+def kl_topk_backward(
+    x: Tensor,
+    index: Tensor,
+    logprob: Tensor,
+    tail_logprob: Tensor,
+    lse: Tensor,
+    lse_tail: Tensor,
+    grad_scale: Tensor,
+    temperature: float,
+) -> None:
+    """Recompute-mode backward of :func:`kl_topk_forward` from the saved ``lse``/``lse_t``."""
+    z = _accumulated(x, temperature)
+    lp, lt = logprob.to(z.dtype), tail_logprob.to(z.dtype)
+    x.copy_(_topk_grad(z, index, lp, lt, lse, lse_tail, grad_scale / temperature))

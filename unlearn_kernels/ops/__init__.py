@@ -1,0 +1,1 @@
+"""Public autograd functions, all built on the chunk driver in :mod:`.chunking`."""

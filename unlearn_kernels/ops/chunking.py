@@ -1,0 +1,158 @@
+"""The chunk driver shared by every fused op and every backend.
+
+1. :func:`select_rows` keeps the rows that carry a loss (label ≠ ignore_index and token weight
+   ≠ 0) *before* any matrix product, so prompt and padding rows cost nothing.
+2. :func:`sweep` walks those rows in chunks of ``m`` rows. Per chunk it forms the logits
+   ``X = H_c Wᵀ (+ b)`` with torch's matmul into one reused ``[m, V]`` buffer, lets the
+   backend epilogue finish the loss and overwrite ``X`` with ``G = ∂loss/∂X``, then projects
+   ``dH_c = G W``, ``dW += Gᵀ H_c`` (fp32 accumulator) and ``db += Σ_rows G``.
+
+At most one chunk of logits (plus one of reference logits for KL) is ever alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Default budget for one chunk of fp32 logits.
+CHUNK_BUDGET_BYTES = 256 * 2**20
+#: Below this many rows the products stop running at full speed (measured on CPU and GPU).
+MIN_CHUNK_ROWS = 512
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 accumulation for fp32/fp16/bf16 inputs; fp64 stays fp64 (for ``gradcheck``)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """The rows of the flattened batch that enter the products."""
+
+    index: Tensor  # int64 [n]: positions in the flattened batch
+    target: Tensor  # int64 [n]: their labels (0 where no label is needed)
+    weight: Tensor | None  # [n]: their token weights (accumulation dtype), None for all ones
+    n_labelled: int  # rows with label != ignore_index: the denominator of "mean"
+
+
+def select_rows(
+    labels: Tensor | None, token_weight: Tensor | None, ignore_index: int, dtype: torch.dtype
+) -> RowSelection:
+    """Rows with ``labels != ignore_index`` (if given) and ``token_weight != 0`` (if given);
+    their token weights are returned in ``dtype``."""
+    if labels is None and token_weight is None:
+        raise ValueError("labels or token_weight is needed to select the rows that carry a loss")
+    ref = labels if labels is not None else token_weight
+    keep = torch.ones(ref.numel(), dtype=torch.bool, device=ref.device)
+    n_labelled = ref.numel()
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        n_labelled = int(keep.sum())
+    if token_weight is not None:
+        keep = keep & (token_weight.reshape(-1) != 0)
+    index = keep.nonzero().squeeze(1)
+    if labels is not None:
+        target = labels.reshape(-1).index_select(0, index).long()
+    else:
+        target = torch.zeros_like(index)
+    weight = None
+    if token_weight is not None:
+        weight = token_weight.reshape(-1).index_select(0, index).to(dtype)
+    return RowSelection(index, target, weight, n_labelled)
+
+
+def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else ``max(512, budget / 4V)``, at most ``n``."""
+    if chunk_size is None:
+        chunk_size = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (4 * vocab))
+    return max(1, min(chunk_size, n_rows))
+
+
+def linear_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``out ← h Wᵀ (+ b)`` without allocating."""
+    if bias is None:
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
+
+
+@dataclass
+class GradTargets:
+    """Where :func:`sweep` projects the logit gradient; ``None`` entries are skipped."""
+
+    hidden: Tensor | None = None  # [n, d], hidden's dtype: dH for the selected rows
+    weight: Tensor | None = None  # [V, d] fp32 (fp64) accumulator
+    bias: Tensor | None = None  # [V] fp32 (fp64) accumulator
+
+    @property
+    def any(self) -> bool:
+        return self.hidden is not None or self.weight is not None or self.bias is not None
+
+
+#: ``epilogue(start, end, logits)``: finish the loss of rows ``[start, end)`` and, when the sweep
+#: has gradient targets, overwrite ``logits`` with ``∂loss/∂logits``.
+Epilogue = Callable[[int, int, Tensor], None]
+
+
+def sweep(
+    hidden_rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    epilogue: Epilogue,
+    grads: GradTargets,
+    chunk_size: int | None,
+) -> None:
+    """Run ``epilogue`` over every chunk of ``hidden_rows @ weightᵀ`` and project gradients."""
+    n = hidden_rows.shape[0]
+    if n == 0:
+        return
+    rows = chunk_rows(n, weight.shape[0], chunk_size)
+    buffer = torch.empty(rows, weight.shape[0], dtype=hidden_rows.dtype, device=hidden_rows.device)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        h = hidden_rows[start:end]
+        logits = linear_into(buffer[: end - start], h, weight, bias)
+        epilogue(start, end, logits)
+        project(logits, h, weight, grads, start, end)
+
+
+def project(g: Tensor, h: Tensor, weight: Tensor, grads: GradTargets, start: int, end: int) -> None:
+    """``dH[start:end] = G W``, ``dW += Gᵀ H``, ``db += Σ G`` (the last two in fp32)."""
+    if grads.hidden is not None:
+        torch.mm(g, weight, out=grads.hidden[start:end])
+    if grads.weight is not None:
+        if g.dtype == grads.weight.dtype:
+            grads.weight.addmm_(g.t(), h)
+        else:
+            grads.weight.add_(g.t() @ h)
+    if grads.bias is not None:
+        grads.bias.add_(g.sum(0, dtype=grads.bias.dtype))
+
+
+def allocate_grads(
+    hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]
+) -> GradTargets:
+    """Gradient targets for the ``(hidden, weight, bias)`` inputs that need a gradient."""
+    need_hidden, need_weight, need_bias = needs
+    acc = {"dtype": accumulate_dtype(weight.dtype), "device": weight.device}
+    return GradTargets(
+        hidden=torch.empty_like(hidden_rows) if need_hidden else None,
+        weight=torch.zeros(weight.shape, **acc) if need_weight else None,
+        bias=torch.zeros(weight.shape[0], **acc) if need_bias and bias is not None else None,
+    )
+
+
+def finish_grads(
+    grads: GradTargets, n_total: int, index: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Scatter ``dH`` back to all ``n_total`` rows (zeros elsewhere) and cast to input dtypes."""
+    grad_hidden = None
+    if grads.hidden is not None:
+        grad_hidden = grads.hidden.new_zeros(n_total, grads.hidden.shape[1])
+        grad_hidden.index_copy_(0, index, grads.hidden)
+    grad_weight = None if grads.weight is None else grads.weight.to(weight.dtype)
+    grad_bias = None if grads.bias is None or bias is None else grads.bias.to(bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
