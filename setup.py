@@ -26,7 +26,7 @@ def extension_build() -> dict:
     extension = CppExtension(
         "unlearn_kernels._C",
         sorted(glob.glob("csrc/*.cpp")),
-        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", *arch],
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-unknown-pragmas", *arch],
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension}}

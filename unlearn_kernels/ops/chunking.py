@@ -66,10 +66,13 @@ def select_rows(
 
 
 def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else ``max(512, budget / 4V)``, at most ``n``."""
-    if chunk_size is None:
-        chunk_size = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (4 * vocab))
-    return max(1, min(chunk_size, n_rows))
+    """Rows per chunk: ``chunk_size`` if given, else ``max(512, budget / 4V)`` balanced so the
+    chunks of ``n_rows`` come out of near-equal size (no small, slow last product)."""
+    if chunk_size is not None:
+        return max(1, min(chunk_size, n_rows))
+    target = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (4 * vocab))
+    n_chunks = max(1, -(-n_rows // target))
+    return max(1, -(-n_rows // n_chunks))
 
 
 def linear_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
