@@ -17,10 +17,14 @@ def extension_build() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        warnings.warn("torch is not importable at build time: unlearn_kernels._C is skipped")
+        warnings.warn(
+            "torch is not importable at build time: unlearn_kernels._C is skipped", stacklevel=2
+        )
         return {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        warnings.warn("no C++ compiler found: unlearn_kernels._C is skipped, CPU runs on torch")
+        warnings.warn(
+            "no C++ compiler found: unlearn_kernels._C is skipped, CPU runs on torch", stacklevel=2
+        )
         return {}
     arch = os.environ.get("UNLEARN_KERNELS_CXXFLAGS", "-march=native").split()
     extension = CppExtension(

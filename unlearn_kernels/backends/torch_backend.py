@@ -81,12 +81,11 @@ def _accumulated(x: Tensor, temperature: float) -> Tensor:
 
 
 def _log_normaliser(z: Tensor) -> Tensor:
-    """Row-wise ``log Σ_v exp(z_v)`` in fp64, as ``max + log Σ exp(z − max)`` (−inf for an
-    all −inf row)."""
+    """Row-wise ``log Σ_v exp(z_v)`` in fp64, as ``max + log Σ exp(z − max)`` with the sum
+    accumulated in fp64 (−inf for an all −inf row)."""
     row_max = z.amax(dim=1)
     shift = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    log_sum = torch.log(torch.exp(z - shift[:, None]).sum(dim=1))
-    return shift.double() + log_sum.double()
+    return shift.double() + torch.exp(z - shift[:, None]).sum(dim=1, dtype=torch.float64).log()
 
 
 def _shifted(z: Tensor, value: Tensor) -> Tensor:
@@ -97,10 +96,10 @@ def _shifted(z: Tensor, value: Tensor) -> Tensor:
     return (z - hi[:, None]) - lo[:, None]
 
 
-def _xlogy_ratio(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``p (log p − log q)`` elementwise, 0 where ``p = 0``."""
+def _p_times(log_p: Tensor, d: Tensor) -> Tensor:
+    """``p · d`` elementwise with ``p = exp(log_p)``, and 0 where ``p = 0`` (whatever ``d``)."""
     p = torch.exp(log_p)
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return torch.where(p > 0, p * d, torch.zeros_like(p))
 
 
 def _kl_grad(log_q: Tensor, log_p: Tensor, coef: Tensor) -> Tensor:
@@ -121,7 +120,9 @@ def kl_forward(
     z, z_ref = _accumulated(x, temperature), _accumulated(x_ref, temperature)
     lse, lse_ref = _log_normaliser(z), _log_normaliser(z_ref)
     log_q, log_p = _shifted(z, lse), _shifted(z_ref, lse_ref)
-    kl = _xlogy_ratio(log_p, log_q).sum(1)
+    # log p − log q as (z_ref − z) − (lse_ref − lse): both small when p ≈ q.
+    gap = (lse_ref - lse).to(z.dtype)
+    kl = _p_times(log_p, (z_ref - z) - gap[:, None]).sum(1)
     if grad_scale is not None:
         x.copy_(_kl_grad(log_q, log_p, grad_scale / temperature))
     return kl, lse, lse_ref
@@ -149,11 +150,11 @@ def _topk_grad(
     where ``P = Σ_K p_k + p_t`` (1 for a consistent cache) and ``q_v / q_t = exp(z_v − lse_t)``.
     """
     total = torch.exp(logprob).sum(1) + torch.exp(tail_logprob)
-    # p_t q_v / q_t = exp(z_v − (lse_t − log p_t)), and 0 when p_t = 0 (even for an empty tail).
+    # p_t q_v / q_t = exp(z_v − (lse_t − log p_t)); no tail term when p_t = 0 or the student's
+    # tail is empty (lse_t = −inf).
     tail_lt = tail_logprob.double()
-    tail_shift = torch.where(
-        tail_lt == float("-inf"), torch.full_like(tail_lt, float("inf")), lse_tail - tail_lt
-    )
+    no_tail = (tail_lt == float("-inf")) | (lse_tail == float("-inf"))
+    tail_shift = torch.where(no_tail, torch.full_like(tail_lt, float("inf")), lse_tail - tail_lt)
     log_q = _shifted(z, lse)
     grad = total[:, None] * torch.exp(log_q) - torch.exp(_shifted(z, tail_shift))
     on_k = total[:, None] * torch.exp(log_q.gather(1, index)) - torch.exp(logprob)
@@ -182,8 +183,10 @@ def kl_topk_forward(
     in_k = torch.zeros_like(z, dtype=torch.bool).scatter_(1, index, True)
     lse = _log_normaliser(z)
     lse_tail = _log_normaliser(z.masked_fill(in_k, float("-inf")))
-    kl = _xlogy_ratio(lp, _shifted(z.gather(1, index), lse)).sum(1)
-    kl = kl + _xlogy_ratio(lt, (lse_tail - lse).to(z.dtype))
+    # k + 1 terms per row, in fp64: log q_k = z_k − lse, log q_t = lse_t − lse.
+    lp64, lt64 = lp.double(), lt.double()
+    kl = _p_times(lp64, lp64 - (z.gather(1, index).double() - lse[:, None])).sum(1)
+    kl = (kl + _p_times(lt64, lt64 - (lse_tail - lse))).to(z.dtype)
     if grad_scale is not None:
         x.copy_(_topk_grad(z, index, lp, lt, lse, lse_tail, grad_scale / temperature))
     return kl, lse, lse_tail
@@ -203,3 +206,31 @@ def kl_topk_backward(
     z = _accumulated(x, temperature)
     lp, lt = logprob.to(z.dtype), tail_logprob.to(z.dtype)
     x.copy_(_topk_grad(z, index, lp, lt, lse, lse_tail, grad_scale / temperature))
+
+
+# ------------------------------------------------------------------------------------------
+# NGDiff combine (unlearn_kernels.ops.ngdiff): segments are contiguous tensors, F_j and R_j
+# of one dtype and size; every backend computes the same two sweeps.
+# ------------------------------------------------------------------------------------------
+
+
+def ngdiff_sums(forget: list[Tensor], retain: list[Tensor]) -> Tensor:
+    """``[‖F‖², ‖R‖², ⟨F,R⟩]`` as float64 ``[3]``: fp32 dot products per segment, summed in
+    float64 in segment order."""
+    parts = []
+    for f, r in zip(forget, retain, strict=True):
+        f32, r32 = f.float().reshape(-1), r.float().reshape(-1)
+        parts.append(torch.stack([torch.dot(f32, f32), torch.dot(r32, r32), torch.dot(f32, r32)]))
+    return torch.stack(parts).double().sum(0)
+
+
+def ngdiff_write(
+    forget: list[Tensor], retain: list[Tensor], out: list[Tensor], coef: Tensor
+) -> None:
+    """``out_j = a·R_j + b·F_j`` in fp32 with ``[a, b] = coef``; a zero coefficient drops its
+    term (so a non-finite gradient with coefficient 0 never reaches ``out``)."""
+    a, b = coef[0], coef[1]
+    for f, r, o in zip(forget, retain, out, strict=True):
+        term_r = torch.where(a != 0, a * r.float(), 0.0)
+        term_f = torch.where(b != 0, b * f.float(), 0.0)
+        o.copy_(term_r + term_f)

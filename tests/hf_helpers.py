@@ -1,0 +1,105 @@
+"""Tiny Hugging Face models, data and tokenizers built locally (no hub access)."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from unlearn_kernels.data.formats import TokenizedPairs
+
+VOCAB = 97
+WORDS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(VOCAB - 4)]
+
+
+def tiny_llama(seed: int, *, dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
+    """A 2-layer Llama with random weights (d=32, V=97) in train mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
+    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).to(dtype).train()
+
+
+def lora(model: nn.Module, *, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> nn.Module:
+    """PEFT LoRA with random (non-zero) A and B, so the adapters change the outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=False
+    )
+    return get_peft_model(model, config)
+
+
+def random_pairs(
+    gen: torch.Generator, n: int, *, min_len: int = 5, max_len: int = 14
+) -> TokenizedPairs:
+    """Right-padded random sequences with random prompt lengths (at least one response token)."""
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=gen)
+    width = int(lengths.max())
+    ids = torch.randint(4, VOCAB, (n, width), generator=gen)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    prompts = torch.stack([torch.randint(1, int(n_) - 1, (), generator=gen) for n_ in lengths])
+    return TokenizedPairs(ids, mask, prompts)
+
+
+def unshifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Undo the shift: the labels ``model(input_ids, labels=...)`` expects (it shifts itself)."""
+    out = torch.full_like(labels, -100)
+    out[:, 1:] = labels[:, :-1]
+    return out
+
+
+def word_tokenizer(words: list[str] = WORDS):
+    """A word-level ``tokenizers.Tokenizer`` over ``words`` (whitespace split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tokenizer
+
+
+@functools.cache
+def bnb_usable() -> str | None:
+    """``None`` if bitsandbytes nf4 runs forward and backward on CPU here, else the reason."""
+    try:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer = layer.to("cpu")
+        x = torch.randn(3, 64, requires_grad=True)
+        layer(x).sum().backward()
+        assert x.grad is not None
+    except Exception as err:  # any failure means: skip
+        return f"bitsandbytes nf4 cannot run on CPU here: {err!r}"
+    return None
+
+
+def qlora_llama(tmp_path: Path, seed: int) -> nn.Module:
+    """``tiny_llama`` saved and reloaded with bitsandbytes nf4 decoder layers, plus LoRA."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if (reason := bnb_usable()) is not None:
+        pytest.skip(reason)
+    tiny_llama(seed, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    quantised = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base",
+        dtype=torch.float32,
+        local_files_only=True,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+    )
+    return lora(quantised.train())

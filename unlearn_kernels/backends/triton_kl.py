@@ -1,0 +1,740 @@
+"""Triton forward-KL epilogues (backend ``"triton"``): ``kl_forward``, ``kl_backward``,
+``kl_topk_forward``, ``kl_topk_backward``.
+
+Same contracts as the torch reference (:mod:`unlearn_kernels.backends.torch_backend`). For a
+chunk of student logits ``x`` ``[n, V]`` and ``z = x/τ``, ``q = softmax(z)``:
+
+* exact: one online sweep over both rows keeps, per row, running maxima ``m, m_r`` and rescaled
+  ``S = Σ e^{z−m}``, ``R = Σ e^{z_r−m_r}``, ``A = Σ_{p>0} e^{z_r−m_r}(z_r − z)``; then
+  ``KL = A/R − (m_r − m) − log(R/S)`` and a second sweep writes ``s/τ·(q − p)`` over ``x``;
+* top-k: the program first copies the row's ``k`` logits to a scratch buffer and overwrites them
+  with ``−inf``, so the sweep sums the tail ``lse_t = log Σ_{v∉K} e^{z_v}`` directly; the
+  ``k + 1`` loss terms are then formed in fp64; the gradient sweep writes
+  ``s/τ·(P q_v − p_t e^{z_v − lse_t})`` (``−inf`` entries give 0) and the top-k entries are
+  written last, ``s/τ·(P q_k − p_k)`` with ``P = Σ_K p_k + p_t``; without a gradient the ``k``
+  logits are restored. Barriers order these stores and loads within a program.
+
+Zero probabilities as in the reference: ``p = 0`` contributes 0, ``p_t = 0`` (or an empty
+student tail) drops the tail term. Loads are cast to fp32 at once and stores round to nearest
+even (the interpreter's bf16 arithmetic and casts are wrong otherwise); per-row
+log-normalisers are fp64, and exponentials only ever see shifted values (``z − m``, or
+``z − hi − lo`` with an fp64 ``lse = hi + lo``), so logits of order 1e4 keep full precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_cross_entropy import (
+    _cast_rne,
+    device_function,
+    kernel_variant,
+    launch_config,
+    triton_interpreter_active,
+)
+
+__all__ = ["PTXAS_CASES", "kl_backward", "kl_forward", "kl_topk_backward", "kl_topk_forward"]
+
+NEG_INF = float("-inf")
+
+
+@device_function
+def _split(value):
+    """fp64 ``value = hi + lo`` with fp32 ``hi``, ``lo`` (``lo = 0`` where ``value`` is ±inf)."""
+    hi = value.to(tl.float32)
+    lo = (value - hi.to(tl.float64)).to(tl.float32)
+    return hi, tl.where(tl.abs(hi) < float("inf"), lo, 0.0)
+
+
+@device_function
+def _online(m, s, z):
+    """Fold a ``[BLOCK_N, BLOCK_V]`` tile ``z`` into running ``(max, Σ e^{z − max})``; returns
+    the new pair and the tile's ``e^{z − max}`` and the rescale factor of the old sum."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
+    alpha = tl.exp(m - shift)
+    e = tl.exp(z - shift[:, None])
+    return m_new, s * alpha + tl.sum(e, axis=1), e, alpha
+
+
+@triton.jit
+def _kl_fwd_kernel(
+    x_ptr,
+    xr_ptr,
+    scale_ptr,
+    kl_ptr,
+    lse_ptr,
+    lse_ref_ptr,
+    n_rows,
+    V,
+    stride_x,
+    stride_r,
+    inv_tau,
+    HAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per-row KL and fp64 log-normalisers; with ``HAS_GRAD`` the gradient over ``x``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    off_x = rows.to(tl.int64) * stride_x
+    off_r = rows.to(tl.int64) * stride_r
+    cols0 = tl.arange(0, BLOCK_V)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    m_r = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    r = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
+        z = tl.where(mask, x * inv_tau, float("-inf"))
+        zr = tl.where(mask, xr.to(tl.float32) * inv_tau, float("-inf"))
+        m, s, _, _ = _online(m, s, z)
+        m_r, r, e, alpha = _online(m_r, r, zr)
+        a = a * alpha + tl.sum(tl.where(e > 0.0, e * (zr - z), 0.0), axis=1)
+    # padding rows: finite placeholders (never stored)
+    s = tl.where(row_ok, s, 1.0)
+    r = tl.where(row_ok, r, 1.0)
+    m = tl.where(row_ok, m, 0.0)
+    m_r = tl.where(row_ok, m_r, 0.0)
+    log_s = tl.log(s)
+    log_r = tl.log(r)
+    kl = a / r - (m_r - m) - tl.log(r / s)
+    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    tl.store(lse_ptr + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
+    tl.store(lse_ref_ptr + rows, m_r.to(tl.float64) + log_r.to(tl.float64), mask=row_ok)
+    if HAS_GRAD:
+        coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            ptrs = x_ptr + off_x[:, None] + cols[None, :]
+            z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+            xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
+            zr = xr.to(tl.float32) * inv_tau
+            q = tl.exp((z - m[:, None]) - log_s[:, None])
+            p = tl.exp((zr - m_r[:, None]) - log_r[:, None])
+            tl.store(ptrs, _cast_rne((q - p) * coef[:, None], x_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kl_bwd_kernel(
+    x_ptr,
+    xr_ptr,
+    lse_ptr,
+    lse_ref_ptr,
+    scale_ptr,
+    n_rows,
+    V,
+    stride_x,
+    stride_r,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Recompute mode: ``x ← s/τ·(q − p)`` from the saved fp64 log-normalisers."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    off_x = rows.to(tl.int64) * stride_x
+    off_r = rows.to(tl.int64) * stride_r
+    cols0 = tl.arange(0, BLOCK_V)
+    hi, lo = _split(tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
+    hi_r, lo_r = _split(tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
+    coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        ptrs = x_ptr + off_x[:, None] + cols[None, :]
+        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
+        zr = xr.to(tl.float32) * inv_tau
+        q = tl.exp((z - hi[:, None]) - lo[:, None])
+        p = tl.exp((zr - hi_r[:, None]) - lo_r[:, None])
+        tl.store(ptrs, _cast_rne((q - p) * coef[:, None], x_ptr.dtype.element_ty), mask=mask)
+
+
+@device_function
+def _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K: tl.constexpr):
+    """Offsets, mask and token ids of top-k columns ``[kb, kb + BLOCK_K)`` of the rows."""
+    kcols = kb + tl.arange(0, BLOCK_K)
+    kmask = row_ok[:, None] & (kcols < K)[None, :]
+    koff = rows.to(tl.int64)[:, None] * K + kcols[None, :]
+    idx = tl.load(idx_ptr + koff, mask=kmask, other=0)
+    return koff, kmask, idx
+
+
+@device_function
+def _tail_shift(lt, lse_tail):
+    """``lse_t − log p_t``; +inf (no tail term) when ``p_t = 0`` or the tail is empty."""
+    none = (lt == float("-inf")) | (lse_tail == float("-inf"))
+    return tl.where(none, float("inf"), lse_tail - lt)
+
+
+@device_function
+def _topk_write_grad(
+    x_ptr,
+    idx_ptr,
+    lp_ptr,
+    lt_ptr,
+    lse_ptr,
+    lse_tail_ptr,
+    scale_ptr,
+    saved_ptr,
+    rows,
+    row_ok,
+    off_x,
+    V,
+    K,
+    inv_tau,
+    cols0,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Gradient of the top-k KL over whole rows, from the saved top-k logits and the stored
+    ``lse``/``lse_t`` (re-read: nothing per-row stays live from the loss computation):
+    ``x_v ← c·(P e^{z_v − lse} − e^{z_v − (lse_t − log p_t)})``, then the top-k entries
+    ``x_k ← c·(P e^{z_k − lse} − p_k)``, with ``c = s/τ`` and ``P = Σ_K p_k + p_t``."""
+    lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
+    total = tl.exp(lt)
+    for kb in range(0, K, BLOCK_K):
+        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
+        total += tl.sum(tl.exp(lp), axis=1)
+    total = total.to(tl.float32)
+    coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+    hi, lo = _split(lse)
+    lse_tail = tl.load(lse_tail_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+    hi_t, lo_t = _split(_tail_shift(lt, lse_tail))
+    c1 = coef * total
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        ptrs = x_ptr + off_x[:, None] + cols[None, :]
+        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        g = c1[:, None] * tl.exp((z - hi[:, None]) - lo[:, None])
+        g = g - coef[:, None] * tl.exp((z - hi_t[:, None]) - lo_t[:, None])
+        tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
+    tl.debug_barrier()
+    for kb in range(0, K, BLOCK_K):
+        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        zk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * inv_tau
+        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float32)
+        g = total[:, None] * tl.exp((zk - hi[:, None]) - lo[:, None]) - tl.exp(lp)
+        g = g * coef[:, None]
+        tl.store(x_ptr + off_x[:, None] + idx, _cast_rne(g, x_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _kl_topk_fwd_kernel(
+    x_ptr,
+    idx_ptr,
+    lp_ptr,
+    lt_ptr,
+    scale_ptr,
+    saved_ptr,
+    kl_ptr,
+    lse_ptr,
+    lse_tail_ptr,
+    n_rows,
+    V,
+    K,
+    stride_x,
+    inv_tau,
+    HAS_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Per-row top-k KL, fp64 ``lse``/``lse_t``; with ``HAS_GRAD`` the gradient over ``x``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    off_x = rows.to(tl.int64) * stride_x
+    cols0 = tl.arange(0, BLOCK_V)
+    # 1. save the top-k logits, mask them with −inf, fold them into (m_k, s_k)
+    m_k = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_k = tl.zeros([BLOCK_N], tl.float32)
+    for kb in range(0, K, BLOCK_K):
+        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        xk = tl.load(x_ptr + off_x[:, None] + idx, mask=kmask, other=0.0)
+        tl.store(saved_ptr + koff, xk, mask=kmask)
+        neg_inf = tl.full(xk.shape, float("-inf"), tl.float32)
+        tl.store(x_ptr + off_x[:, None] + idx, neg_inf.to(x_ptr.dtype.element_ty), mask=kmask)
+        zk = tl.where(kmask, xk.to(tl.float32) * inv_tau, float("-inf"))
+        m_k, s_k, _, _ = _online(m_k, s_k, zk)
+    tl.debug_barrier()
+    # 2. the tail: every −inf entry contributes 0
+    m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    s_t = tl.zeros([BLOCK_N], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+        m_t, s_t, _, _ = _online(m_t, s_t, x.to(tl.float32) * inv_tau)
+    lse_tail = tl.where(s_t > 0.0, m_t.to(tl.float64) + tl.log(s_t).to(tl.float64), float("-inf"))
+    s_k = tl.where(row_ok, s_k, 1.0)
+    m_k = tl.where(row_ok, m_k, 0.0)
+    lse_k = m_k.to(tl.float64) + tl.log(s_k).to(tl.float64)
+    top = tl.maximum(lse_k, lse_tail)
+    lse = top + tl.log(1.0 + tl.exp(tl.minimum(lse_k, lse_tail) - top))
+    # 3. the k + 1 loss terms, in fp64
+    lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
+    p_t = tl.exp(lt)
+    loss = tl.where(p_t > 0.0, p_t * (lt - (lse_tail - lse)), 0.0)
+    for kb in range(0, K, BLOCK_K):
+        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        zk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * inv_tau
+        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
+        p = tl.exp(lp)
+        terms = tl.where(p > 0.0, p * (lp - (zk.to(tl.float64) - lse[:, None])), 0.0)
+        loss += tl.sum(terms, axis=1)
+    tl.store(kl_ptr + rows, loss.to(tl.float32), mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(lse_tail_ptr + rows, lse_tail, mask=row_ok)
+    if HAS_GRAD:
+        tl.debug_barrier()
+        _topk_write_grad(
+            x_ptr,
+            idx_ptr,
+            lp_ptr,
+            lt_ptr,
+            lse_ptr,
+            lse_tail_ptr,
+            scale_ptr,
+            saved_ptr,
+            rows,
+            row_ok,
+            off_x,
+            V,
+            K,
+            inv_tau,
+            cols0,
+            BLOCK_V,
+            BLOCK_K,
+        )
+    else:
+        for kb in range(0, K, BLOCK_K):
+            koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+            xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0)
+            tl.store(x_ptr + off_x[:, None] + idx, xk, mask=kmask)
+
+
+@triton.jit
+def _kl_topk_bwd_kernel(
+    x_ptr,
+    idx_ptr,
+    lp_ptr,
+    lt_ptr,
+    lse_ptr,
+    lse_tail_ptr,
+    scale_ptr,
+    saved_ptr,
+    n_rows,
+    V,
+    K,
+    stride_x,
+    inv_tau,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Recompute mode: the top-k gradient over ``x`` from the saved ``lse``/``lse_t``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    off_x = rows.to(tl.int64) * stride_x
+    cols0 = tl.arange(0, BLOCK_V)
+    for kb in range(0, K, BLOCK_K):
+        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        tl.store(saved_ptr + koff, tl.load(x_ptr + off_x[:, None] + idx, mask=kmask), mask=kmask)
+    tl.debug_barrier()
+    _topk_write_grad(
+        x_ptr,
+        idx_ptr,
+        lp_ptr,
+        lt_ptr,
+        lse_ptr,
+        lse_tail_ptr,
+        scale_ptr,
+        saved_ptr,
+        rows,
+        row_ok,
+        off_x,
+        V,
+        K,
+        inv_tau,
+        cols0,
+        BLOCK_V,
+        BLOCK_K,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# launchers
+# ------------------------------------------------------------------------------------------
+
+# Top-k columns per step: a [BLOCK_N, BLOCK_K] gather; k ≤ 256 is one step on a GPU.
+GPU_BLOCK_K = 256
+INTERP_BLOCK_K = 1024
+
+
+def _interpreted(x: Tensor) -> bool:
+    if triton_interpreter_active():
+        return True
+    if x.device.type != "cuda":
+        raise ValueError(
+            f"the triton backend needs CUDA tensors, got device {x.device}; to run it on CPU "
+            "tensors set TRITON_INTERPRET=1 before triton is first imported"
+        )
+    return False
+
+
+def _check_x(x: Tensor, name: str = "x") -> None:
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"{name} must be [n, V] with unit column stride, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} must be fp32, bf16 or fp16, got {x.dtype}")
+
+
+def _rows(t: Tensor, n: int, dtype: torch.dtype, name: str) -> Tensor:
+    if t.shape[0] != n:
+        raise ValueError(f"{name} must have {n} rows, got shape {tuple(t.shape)}")
+    return t.to(dtype).contiguous()
+
+
+def _temperature(temperature: float) -> float:
+    if not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return 1.0 / temperature
+
+
+def kl_forward(
+    x: Tensor, x_ref: Tensor, grad_scale: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row ``KL(softmax(x_ref/τ) ‖ softmax(x/τ))`` (fp32) and the fp64 log-normalisers
+    ``(kl, lse, lse_ref)``; with ``grad_scale`` ``s``, ``x ← s (q − p)/τ`` in place."""
+    _check_x(x)
+    _check_x(x_ref, "x_ref")
+    n, V = x.shape
+    if x_ref.shape != x.shape:
+        raise ValueError(f"x_ref must have x's shape {tuple(x.shape)}, got {tuple(x_ref.shape)}")
+    kl = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float64, device=x.device)
+    lse_ref = torch.empty(n, dtype=torch.float64, device=x.device)
+    inv_tau = _temperature(temperature)
+    if n == 0:
+        return kl, lse, lse_ref
+    interpreted = _interpreted(x)
+    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
+    kernel_variant(_kl_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+        x,
+        x_ref,
+        scale,
+        kl,
+        lse,
+        lse_ref,
+        n,
+        V,
+        x.stride(0),
+        x_ref.stride(0),
+        inv_tau,
+        HAS_GRAD=grad_scale is not None,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return kl, lse, lse_ref
+
+
+def kl_backward(
+    x: Tensor, x_ref: Tensor, lse: Tensor, lse_ref: Tensor, grad_scale: Tensor, temperature: float
+) -> None:
+    """Recompute mode: ``x ← s (q − p)/τ`` from the saved fp64 log-normalisers."""
+    _check_x(x)
+    _check_x(x_ref, "x_ref")
+    n, V = x.shape
+    inv_tau = _temperature(temperature)
+    if n == 0:
+        return
+    interpreted = _interpreted(x)
+    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    kernel_variant(_kl_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+        x,
+        x_ref,
+        _rows(lse, n, torch.float64, "lse"),
+        _rows(lse_ref, n, torch.float64, "lse_ref"),
+        _rows(grad_scale, n, torch.float32, "grad_scale"),
+        n,
+        V,
+        x.stride(0),
+        x_ref.stride(0),
+        inv_tau,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+
+
+def _topk_args(x: Tensor, index: Tensor, logprob: Tensor, tail_logprob: Tensor):
+    n, V = x.shape
+    if index.dim() != 2 or not 1 <= index.shape[1] <= V:
+        raise ValueError(f"index must be [n, k] with 1 <= k <= V={V}, got {tuple(index.shape)}")
+    k = index.shape[1]
+    if logprob.shape != index.shape:
+        raise ValueError(f"logprob must have index's shape {tuple(index.shape)}")
+    return (
+        _rows(index, n, torch.int64, "index"),
+        _rows(logprob, n, torch.float32, "logprob"),
+        _rows(tail_logprob, n, torch.float32, "tail_logprob"),
+        k,
+    )
+
+
+def _topk_config(n: int, V: int, k: int, interpreted: bool) -> tuple[int, int, int, int]:
+    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    block_k = min(triton.next_power_of_2(k), INTERP_BLOCK_K if interpreted else GPU_BLOCK_K)
+    return block_n, block_v, block_k, num_warps
+
+
+def kl_topk_forward(
+    x: Tensor,
+    index: Tensor,
+    logprob: Tensor,
+    tail_logprob: Tensor,
+    grad_scale: Tensor | None,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row top-k KL (fp32) and the fp64 ``(lse, lse_t)``; with ``grad_scale``, ``x`` is
+    overwritten by the gradient. ``index`` rows must hold distinct ids in ``[0, V)``."""
+    _check_x(x)
+    n, V = x.shape
+    index, logprob, tail_logprob, k = _topk_args(x, index, logprob, tail_logprob)
+    kl = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float64, device=x.device)
+    lse_tail = torch.empty(n, dtype=torch.float64, device=x.device)
+    inv_tau = _temperature(temperature)
+    if n == 0:
+        return kl, lse, lse_tail
+    interpreted = _interpreted(x)
+    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted)
+    scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
+    kernel_variant(_kl_topk_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+        x,
+        index,
+        logprob,
+        tail_logprob,
+        scale,
+        torch.empty(n, k, dtype=x.dtype, device=x.device),
+        kl,
+        lse,
+        lse_tail,
+        n,
+        V,
+        k,
+        x.stride(0),
+        inv_tau,
+        HAS_GRAD=grad_scale is not None,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    return kl, lse, lse_tail
+
+
+def kl_topk_backward(
+    x: Tensor,
+    index: Tensor,
+    logprob: Tensor,
+    tail_logprob: Tensor,
+    lse: Tensor,
+    lse_tail: Tensor,
+    grad_scale: Tensor,
+    temperature: float,
+) -> None:
+    """Recompute mode: overwrite ``x`` with the top-k gradient from the saved fp64 ``lse``,
+    ``lse_t``."""
+    _check_x(x)
+    n, V = x.shape
+    index, logprob, tail_logprob, k = _topk_args(x, index, logprob, tail_logprob)
+    inv_tau = _temperature(temperature)
+    if n == 0:
+        return
+    interpreted = _interpreted(x)
+    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted)
+    kernel_variant(_kl_topk_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+        x,
+        index,
+        logprob,
+        tail_logprob,
+        _rows(lse, n, torch.float64, "lse"),
+        _rows(lse_tail, n, torch.float64, "lse_tail"),
+        _rows(grad_scale, n, torch.float32, "grad_scale"),
+        torch.empty(n, k, dtype=x.dtype, device=x.device),
+        n,
+        V,
+        k,
+        x.stride(0),
+        inv_tau,
+        BLOCK_N=block_n,
+        BLOCK_V=block_v,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# ahead-of-time compile cases, read by benchmarks/triton_ptxas.py
+# ------------------------------------------------------------------------------------------
+
+
+def _ptxas_cases() -> list[dict[str, Any]]:
+    """Every kernel × dtype × flag the launchers produce on a GPU, at the GPU configuration for
+    V = 128256 and k = 32 (top-k: one gather step)."""
+    block_n, block_v, block_k, num_warps = _topk_config(4096, 128256, 32, interpreted=False)
+    rows = {"n_rows": "i32", "V": "i32"}
+    cases: list[dict[str, Any]] = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for has_grad in (False, True):
+            cases.append(
+                dict(
+                    name=f"kl_fwd[{dt},grad={int(has_grad)}]",
+                    kernel=_kl_fwd_kernel,
+                    signature={
+                        "x_ptr": f"*{dt}",
+                        "xr_ptr": f"*{dt}",
+                        "scale_ptr": "*fp32",
+                        "kl_ptr": "*fp32",
+                        "lse_ptr": "*fp64",
+                        "lse_ref_ptr": "*fp64",
+                        **rows,
+                        "stride_x": "i32",
+                        "stride_r": "i32",
+                        "inv_tau": "fp32",
+                    },
+                    constexprs=dict(HAS_GRAD=has_grad, BLOCK_N=block_n, BLOCK_V=block_v),
+                    aligned=(
+                        "x_ptr",
+                        "xr_ptr",
+                        "scale_ptr",
+                        "kl_ptr",
+                        "lse_ptr",
+                        "lse_ref_ptr",
+                        "stride_x",
+                        "stride_r",
+                    ),
+                    num_warps=num_warps,
+                )
+            )
+            cases.append(
+                dict(
+                    name=f"kl_topk_fwd[{dt},grad={int(has_grad)}]",
+                    kernel=_kl_topk_fwd_kernel,
+                    signature={
+                        "x_ptr": f"*{dt}",
+                        "idx_ptr": "*i64",
+                        "lp_ptr": "*fp32",
+                        "lt_ptr": "*fp32",
+                        "scale_ptr": "*fp32",
+                        "saved_ptr": f"*{dt}",
+                        "kl_ptr": "*fp32",
+                        "lse_ptr": "*fp64",
+                        "lse_tail_ptr": "*fp64",
+                        **rows,
+                        "K": "i32",
+                        "stride_x": "i32",
+                        "inv_tau": "fp32",
+                    },
+                    constexprs=dict(
+                        HAS_GRAD=has_grad, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k
+                    ),
+                    aligned=(
+                        "x_ptr",
+                        "idx_ptr",
+                        "lp_ptr",
+                        "lt_ptr",
+                        "scale_ptr",
+                        "saved_ptr",
+                        "kl_ptr",
+                        "lse_ptr",
+                        "lse_tail_ptr",
+                        "K",
+                        "stride_x",
+                    ),
+                    num_warps=num_warps,
+                )
+            )
+        cases.append(
+            dict(
+                name=f"kl_bwd[{dt}]",
+                kernel=_kl_bwd_kernel,
+                signature={
+                    "x_ptr": f"*{dt}",
+                    "xr_ptr": f"*{dt}",
+                    "lse_ptr": "*fp64",
+                    "lse_ref_ptr": "*fp64",
+                    "scale_ptr": "*fp32",
+                    **rows,
+                    "stride_x": "i32",
+                    "stride_r": "i32",
+                    "inv_tau": "fp32",
+                },
+                constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v),
+                aligned=(
+                    "x_ptr",
+                    "xr_ptr",
+                    "lse_ptr",
+                    "lse_ref_ptr",
+                    "scale_ptr",
+                    "stride_x",
+                    "stride_r",
+                ),
+                num_warps=num_warps,
+            )
+        )
+        cases.append(
+            dict(
+                name=f"kl_topk_bwd[{dt}]",
+                kernel=_kl_topk_bwd_kernel,
+                signature={
+                    "x_ptr": f"*{dt}",
+                    "idx_ptr": "*i64",
+                    "lp_ptr": "*fp32",
+                    "lt_ptr": "*fp32",
+                    "lse_ptr": "*fp64",
+                    "lse_tail_ptr": "*fp64",
+                    "scale_ptr": "*fp32",
+                    "saved_ptr": f"*{dt}",
+                    **rows,
+                    "K": "i32",
+                    "stride_x": "i32",
+                    "inv_tau": "fp32",
+                },
+                constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k),
+                aligned=(
+                    "x_ptr",
+                    "idx_ptr",
+                    "lp_ptr",
+                    "lt_ptr",
+                    "lse_ptr",
+                    "lse_tail_ptr",
+                    "scale_ptr",
+                    "saved_ptr",
+                    "K",
+                    "stride_x",
+                ),
+                num_warps=num_warps,
+            )
+        )
+    return cases
+
+
+PTXAS_CASES = _ptxas_cases()

@@ -1,0 +1,551 @@
+"""Fused linear, response-only forward KL to a cached reference, with signed per-token weights.
+
+For the selected rows ``i`` (label ≠ ignore_index, weight ≠ 0), with student logits
+``z_i = W h_i`` and temperature ``τ``::
+
+    q_i = softmax(z_i / τ),  p_i = softmax(z_ref,i / τ)
+    KL_i = Σ_v p_iv (log p_iv − log q_iv)          ∂KL_i/∂z_i = (q_i − p_i) / τ
+    loss = Σ_i w_i KL_i (sum), / #labelled rows (mean), [w_i KL_i]_i, 0 elsewhere (none)
+
+The reference is a cache, never a second model:
+
+* exact (:func:`fused_linear_kl` with ``ref_hidden``): reference logits
+  ``z_ref = W_ref h_ref`` are rebuilt chunk by chunk next to the student's;
+* streamed (``ref_logits``): rows of a cached ``[N, V]`` logits tensor (e.g. a memory-mapped
+  bf16 safetensors tensor) are read one chunk at a time;
+* top-k (:func:`fused_linear_kl_topk`): cached top-k log-probs ``log p_k`` and the tail's
+  log-mass ``log p_t``; the approximate loss
+  ``KL̃_i = Σ_{k∈K} p_k log(p_k/q_k) + p_t log(p_t/q_t)``, ``q_t = Σ_{v∉K} q_v``, has gradient
+  ``(q_v − p_v)/τ`` on the top-k and ``q_v (1 − p_t/q_t)/τ`` off it (for ``Σ_K p_k + p_t = 1``;
+  the kernels differentiate the loss exactly otherwise, see ``torch_backend._topk_grad``).
+
+The reference is a constant target: no gradient flows to ``ref_hidden``, ``ref_weight`` or
+``ref_logits`` (pass the frozen original weight as ``ref_weight`` if ``weight`` is trained).
+Gradient modes as in :mod:`unlearn_kernels.ops.cross_entropy`: computed during the forward
+sweep for ``sum``/``mean``; for ``none`` the logsumexps are saved and each chunk recomputed in
+backward with the per-token upstream gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from unlearn_kernels._checks import (
+    check_labels,
+    check_linear,
+    check_options,
+    check_tensor,
+    check_token_weight,
+)
+from unlearn_kernels.backends import backend_name, get_backend
+from unlearn_kernels.ops.chunking import (
+    GradTargets,
+    RowSelection,
+    accumulate_dtype,
+    allocate_grads,
+    finish_grads,
+    linear_into,
+    select_rows,
+    sweep,
+)
+
+
+def _selection(
+    n_total: int,
+    labels: Tensor | None,
+    token_weight: Tensor | None,
+    ignore_index: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> RowSelection:
+    """Rows selected by ``labels``/``token_weight``; every row when neither is given."""
+    if labels is None and token_weight is None:
+        index = torch.arange(n_total, device=device)
+        return RowSelection(index, torch.zeros_like(index), None, n_total)
+    return select_rows(labels, token_weight, ignore_index, dtype)
+
+
+class _ReferenceLogits:
+    """Reference logits of chunk ``[start, end)`` of the selected rows, in one reused buffer:
+    rebuilt as ``H_ref Wᵣᵀ`` (exact) or copied from rows of cached logits (streamed)."""
+
+    def __init__(
+        self,
+        ref_rows: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_logits: Tensor | None,
+        index: Tensor,
+        like: Tensor,
+    ) -> None:
+        self.ref_rows, self.ref_weight, self.ref_logits = ref_rows, ref_weight, ref_logits
+        if ref_logits is not None:
+            index = index.to(ref_logits.device)
+        self.index = index
+        self.like = like
+        self.buffer: Tensor | None = None
+
+    def __call__(self, start: int, end: int, vocab: int) -> Tensor:
+        if self.buffer is None:  # the first chunk is the largest
+            self.buffer = self.like.new_empty(end - start, vocab)
+        out = self.buffer[: end - start]
+        if self.ref_logits is None:
+            return linear_into(out, self.ref_rows[start:end], self.ref_weight, None)
+        return out.copy_(self.ref_logits.index_select(0, self.index[start:end]))
+
+
+def _reduction_scale(selection: RowSelection, reduction: str, like: Tensor) -> Tensor:
+    """``s_i = w_i / denominator``: the loss is ``Σ_i s_i KL_i`` for ``sum``/``mean``."""
+    denominator = max(selection.n_labelled, 1) if reduction == "mean" else 1
+    scale = torch.full_like(like, 1.0 / denominator)
+    return scale if selection.weight is None else scale.mul_(selection.weight)
+
+
+def _upstream_scale(
+    grad_output: Tensor, index: Tensor, weight: Tensor | None, like: Tensor
+) -> Tensor:
+    """``g_i w_i`` for the selected rows, for recompute-mode backward."""
+    scale = grad_output.reshape(-1).index_select(0, index).to(like.dtype)
+    return scale if weight is None else scale.mul_(weight)
+
+
+def _scaled(grads: tuple[Tensor | None, ...], grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients saved by the forward sweep, times ``grad_output`` (no copy when it is 1)."""
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grads
+    return tuple(None if g is None else g * grad_output for g in grads)
+
+
+def _log_normalisers(like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two fp64 buffers for the per-row log-normalisers the epilogues return."""
+    first = torch.empty(like.shape, dtype=torch.float64, device=like.device)
+    return first, torch.empty_like(first)
+
+
+def _scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:
+    """Per-row losses back to all ``n_total`` rows, 0 on unselected ones."""
+    return row_loss.new_zeros(n_total).index_copy_(0, index, row_loss)
+
+
+class FusedLinearKLFunction(torch.autograd.Function):
+    """Autograd function over flattened inputs: ``hidden [N, d]``; exactly one of
+    ``ref_hidden [N, d]`` (with ``ref_weight``) and ``ref_logits [N, V]``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        ref_hidden: Tensor | None,
+        ref_weight: Tensor | None,
+        ref_logits: Tensor | None,
+        labels: Tensor | None,
+        token_weight: Tensor | None,
+        temperature: float,
+        ignore_index: int,
+        reduction: str,
+        chunk_size: int | None,
+        backend: str,
+    ) -> Tensor:
+        epilogues = get_backend(backend, hidden.device)
+        acc_dtype = accumulate_dtype(hidden.dtype)
+        selection = _selection(
+            hidden.shape[0], labels, token_weight, ignore_index, acc_dtype, hidden.device
+        )
+        rows = hidden.index_select(0, selection.index)
+        ref_rows = None
+        if ref_hidden is not None:
+            ref_rows = ref_hidden.index_select(0, selection.index).to(hidden.dtype)
+        reference = _ReferenceLogits(ref_rows, ref_weight, ref_logits, selection.index, rows)
+        vocab = weight.shape[0]
+        row_loss = torch.empty(rows.shape[0], dtype=acc_dtype, device=hidden.device)
+        ctx.reduction, ctx.temperature, ctx.chunk_size, ctx.backend = (
+            reduction,
+            temperature,
+            chunk_size,
+            backend,
+        )
+        ctx.n_total, ctx.ref_logits = hidden.shape[0], ref_logits
+
+        if reduction == "none":
+            lse, lse_ref = _log_normalisers(row_loss)
+
+            def forward_only(start: int, end: int, logits: Tensor) -> None:
+                row_loss[start:end], lse[start:end], lse_ref[start:end] = epilogues.kl_forward(
+                    logits, reference(start, end, vocab), None, temperature
+                )
+
+            sweep(rows, weight, None, forward_only, GradTargets(), chunk_size)
+            if selection.weight is not None:
+                row_loss.mul_(selection.weight)
+            ctx.save_for_backward(
+                rows, weight, ref_rows, ref_weight, selection.index, selection.weight, lse, lse_ref
+            )
+            return _scatter_rows(row_loss, selection.index, ctx.n_total)
+
+        scale = _reduction_scale(selection, reduction, row_loss)
+        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+        grad_scale = scale if grads.any else None
+
+        def forward_and_grad(start: int, end: int, logits: Tensor) -> None:
+            row_loss[start:end] = epilogues.kl_forward(
+                logits,
+                reference(start, end, vocab),
+                None if grad_scale is None else grad_scale[start:end],
+                temperature,
+            )[0]
+
+        sweep(rows, weight, None, forward_and_grad, grads, chunk_size)
+        ctx.save_for_backward(*finish_grads(grads, ctx.n_total, selection.index, weight, None)[:2])
+        return torch.dot(row_loss, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.reduction != "none":
+            grads = _scaled(ctx.saved_tensors, grad_output)
+            return (*grads, *[None] * 10)
+        rows, weight, ref_rows, ref_weight, index, token_weight, lse, lse_ref = ctx.saved_tensors
+        epilogues = get_backend(ctx.backend, rows.device)
+        scale = _upstream_scale(grad_output, index, token_weight, lse)
+        reference = _ReferenceLogits(ref_rows, ref_weight, ctx.ref_logits, index, rows)
+        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+        vocab = weight.shape[0]
+
+        def backward(start: int, end: int, logits: Tensor) -> None:
+            epilogues.kl_backward(
+                logits,
+                reference(start, end, vocab),
+                lse[start:end],
+                lse_ref[start:end],
+                scale[start:end],
+                ctx.temperature,
+            )
+
+        sweep(rows, weight, None, backward, grads, ctx.chunk_size)
+        grad_hidden, grad_weight, _ = finish_grads(grads, ctx.n_total, index, weight, None)
+        return (grad_hidden, grad_weight, *[None] * 10)
+
+
+class FusedLinearKLTopkFunction(torch.autograd.Function):
+    """Autograd function over flattened inputs: ``hidden [N, d]``, ``index``/``logprob``
+    ``[N, k]``, ``tail_logprob [N]``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        topk_index: Tensor,
+        topk_logprob: Tensor,
+        tail_logprob: Tensor,
+        labels: Tensor | None,
+        token_weight: Tensor | None,
+        temperature: float,
+        ignore_index: int,
+        reduction: str,
+        chunk_size: int | None,
+        backend: str,
+    ) -> Tensor:
+        epilogues = get_backend(backend, hidden.device)
+        acc_dtype = accumulate_dtype(hidden.dtype)
+        selection = _selection(
+            hidden.shape[0], labels, token_weight, ignore_index, acc_dtype, hidden.device
+        )
+        rows = hidden.index_select(0, selection.index)
+        index = topk_index.index_select(0, selection.index)
+        logprob = topk_logprob.index_select(0, selection.index)
+        tail = tail_logprob.index_select(0, selection.index)
+        row_loss = torch.empty(rows.shape[0], dtype=acc_dtype, device=hidden.device)
+        ctx.reduction, ctx.temperature, ctx.chunk_size, ctx.backend = (
+            reduction,
+            temperature,
+            chunk_size,
+            backend,
+        )
+        ctx.n_total = hidden.shape[0]
+
+        if reduction == "none":
+            lse, lse_tail = _log_normalisers(row_loss)
+
+            def forward_only(start: int, end: int, logits: Tensor) -> None:
+                out = epilogues.kl_topk_forward(
+                    logits, index[start:end], logprob[start:end], tail[start:end], None, temperature
+                )
+                row_loss[start:end], lse[start:end], lse_tail[start:end] = out
+
+            sweep(rows, weight, None, forward_only, GradTargets(), chunk_size)
+            if selection.weight is not None:
+                row_loss.mul_(selection.weight)
+            ctx.save_for_backward(
+                rows, weight, index, logprob, tail, selection.index, selection.weight, lse, lse_tail
+            )
+            return _scatter_rows(row_loss, selection.index, ctx.n_total)
+
+        scale = _reduction_scale(selection, reduction, row_loss)
+        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+        grad_scale = scale if grads.any else None
+
+        def forward_and_grad(start: int, end: int, logits: Tensor) -> None:
+            row_loss[start:end] = epilogues.kl_topk_forward(
+                logits,
+                index[start:end],
+                logprob[start:end],
+                tail[start:end],
+                None if grad_scale is None else grad_scale[start:end],
+                temperature,
+            )[0]
+
+        sweep(rows, weight, None, forward_and_grad, grads, chunk_size)
+        ctx.save_for_backward(*finish_grads(grads, ctx.n_total, selection.index, weight, None)[:2])
+        return torch.dot(row_loss, scale)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        if ctx.reduction != "none":
+            grads = _scaled(ctx.saved_tensors, grad_output)
+            return (*grads, *[None] * 10)
+        rows, weight, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
+            ctx.saved_tensors
+        )
+        epilogues = get_backend(ctx.backend, rows.device)
+        scale = _upstream_scale(grad_output, row_index, token_weight, lse)
+        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+
+        def backward(start: int, end: int, logits: Tensor) -> None:
+            epilogues.kl_topk_backward(
+                logits,
+                index[start:end],
+                logprob[start:end],
+                tail[start:end],
+                lse[start:end],
+                lse_tail[start:end],
+                scale[start:end],
+                ctx.temperature,
+            )
+
+        sweep(rows, weight, None, backward, grads, ctx.chunk_size)
+        grad_hidden, grad_weight, _ = finish_grads(grads, ctx.n_total, row_index, weight, None)
+        return (grad_hidden, grad_weight, *[None] * 10)
+
+
+# ---- input checks ------------------------------------------------------------------------
+
+
+def _check_temperature(temperature: float) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not 0.0 < float(temperature) < float("inf"):
+        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
+    return float(temperature)
+
+
+def _check_selection(
+    labels: Tensor | None, token_weight: Tensor | None, hidden: Tensor, vocab: int, ignore: int
+) -> None:
+    if labels is not None:
+        check_labels(labels, hidden, vocab, ignore)
+    check_token_weight(token_weight, hidden)
+
+
+def _check_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor | None,
+    ref_weight: Tensor | None,
+    ref_logits: Tensor | None,
+) -> None:
+    """Exactly one of ``ref_hidden`` (``hidden``'s shape, any float dtype) and ``ref_logits``
+    (``hidden``'s leading shape × V, any float dtype and device)."""
+    if (ref_hidden is None) == (ref_logits is None):
+        raise ValueError("pass exactly one of ref_hidden (exact) and ref_logits (streamed)")
+    vocab = weight.shape[0]
+    if ref_hidden is not None:
+        check_tensor("ref_hidden", ref_hidden)
+        if ref_hidden.shape != hidden.shape:
+            raise ValueError(
+                f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, "
+                f"got {tuple(ref_hidden.shape)}"
+            )
+        if not ref_hidden.is_floating_point() or ref_hidden.device != hidden.device:
+            raise ValueError(
+                f"ref_hidden must be a float tensor on {hidden.device}, "
+                f"got {ref_hidden.dtype} on {ref_hidden.device}"
+            )
+        if ref_weight is not None:
+            check_linear(hidden, ref_weight, None, weight_name="ref_weight")
+            if ref_weight.shape[0] != vocab:
+                raise ValueError(
+                    f"ref_weight must be [V, d] = {tuple(weight.shape)} like weight, "
+                    f"got {tuple(ref_weight.shape)}"
+                )
+        return
+    if ref_weight is not None:
+        raise ValueError("ref_weight is only used with ref_hidden, not with ref_logits")
+    check_tensor("ref_logits", ref_logits)
+    expected = (*hidden.shape[:-1], vocab)
+    if tuple(ref_logits.shape) != expected:
+        raise ValueError(
+            f"ref_logits must be [*hidden.shape[:-1], V] = {expected}, "
+            f"got {tuple(ref_logits.shape)}"
+        )
+    if not ref_logits.is_floating_point():
+        raise ValueError(f"ref_logits must be a float tensor, got {ref_logits.dtype}")
+
+
+def _check_topk(
+    hidden: Tensor, vocab: int, index: Tensor, logprob: Tensor, tail_logprob: Tensor
+) -> None:
+    """``index`` integer ``[*lead, k]`` with distinct entries in ``[0, V)`` per row,
+    ``logprob`` float ``[*lead, k]``, ``tail_logprob`` float ``[*lead]``."""
+    lead = tuple(hidden.shape[:-1])
+    for name, value in (
+        ("ref_topk_index", index),
+        ("ref_topk_logprob", logprob),
+        ("ref_tail_logprob", tail_logprob),
+    ):
+        check_tensor(name, value)
+        if value.device != hidden.device:
+            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
+    if index.dim() != len(lead) + 1 or tuple(index.shape[:-1]) != lead:
+        raise ValueError(f"ref_topk_index must be [*{lead}, k], got {tuple(index.shape)}")
+    k = index.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"ref_topk_index must have 1 <= k <= V={vocab} columns, got k={k}")
+    if index.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"ref_topk_index must be an integer tensor, got {index.dtype}")
+    if tuple(logprob.shape) != tuple(index.shape) or not logprob.is_floating_point():
+        raise ValueError(
+            f"ref_topk_logprob must be a float tensor of shape {tuple(index.shape)}, "
+            f"got {logprob.dtype} of shape {tuple(logprob.shape)}"
+        )
+    if tuple(tail_logprob.shape) != lead or not tail_logprob.is_floating_point():
+        raise ValueError(
+            f"ref_tail_logprob must be a float tensor of shape {lead}, "
+            f"got {tail_logprob.dtype} of shape {tuple(tail_logprob.shape)}"
+        )
+    if bool(((index < 0) | (index >= vocab)).any()):
+        raise ValueError(f"ref_topk_index must lie in [0, {vocab})")
+    ordered = index.reshape(-1, k).sort(dim=1).values
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError("ref_topk_index must hold k distinct token ids per row")
+
+
+# ---- public functions --------------------------------------------------------------------
+
+
+def fused_linear_kl(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    *,
+    ref_logits: Tensor | None = None,
+    labels: Tensor | None = None,
+    token_weight: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Forward KL ``Σ_i w_i KL(p_i ‖ q_i)`` from a cached reference to ``hidden @ weightᵀ``.
+
+    Args:
+        hidden: ``[N, d]`` or ``[B, T, d]`` student final hidden states (shifted like labels).
+        weight: ``[V, d]`` student output weight (frozen or trainable).
+        ref_hidden: exact mode: cached reference hidden states of ``hidden``'s shape (any float
+            dtype, e.g. a bf16 cache; cast to ``hidden``'s dtype row by row).
+        ref_weight: reference output weight, default ``weight`` (under LoRA the shared frozen
+            layer; pass the original weight when ``weight`` is trained).
+        ref_logits: streamed mode: cached reference logits ``[*hidden.shape[:-1], V]`` in any
+            float dtype, on any device (e.g. a memory-mapped bf16 CPU tensor); only the selected
+            rows are read, one chunk at a time.
+        labels: rows with ``labels == ignore_index`` carry no loss (values are not used
+            otherwise); without labels and token_weight every row counts.
+        token_weight: signed per-token weights ``w_i`` (not differentiated); ``w_i = 0`` skips
+            the row (it still counts for ``mean``).
+        temperature: ``τ > 0``; ``p = softmax(z_ref/τ)``, ``q = softmax(z/τ)``, no ``τ²`` factor.
+        reduction: ``"mean"`` (over rows with a label, or all rows without labels), ``"sum"``
+            or ``"none"`` (per-token ``w_i KL_i``, 0 on skipped rows).
+        chunk_size: rows per chunk; default from a 256 MiB logits budget (two such buffers
+            are alive: student and reference logits).
+        backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default by device.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 inputs); gradients flow to ``hidden`` and ``weight``.
+    """
+    vocab, d = check_linear(hidden, weight, None)
+    _check_reference(hidden, weight, ref_hidden, ref_weight, ref_logits)
+    _check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_options(reduction, chunk_size)
+    temperature = _check_temperature(temperature)
+    if ref_hidden is not None and ref_weight is None:
+        ref_weight = weight
+    loss = FusedLinearKLFunction.apply(
+        hidden.reshape(-1, d),
+        weight,
+        None if ref_hidden is None else ref_hidden.detach().reshape(-1, d),
+        None if ref_weight is None else ref_weight.detach(),
+        None if ref_logits is None else ref_logits.detach().reshape(-1, vocab),
+        None if labels is None else labels.reshape(-1),
+        None if token_weight is None else token_weight.detach().reshape(-1),
+        temperature,
+        ignore_index,
+        reduction,
+        chunk_size,
+        backend_name(backend, hidden.device),
+    )
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
+
+
+def fused_linear_kl_topk(
+    hidden: Tensor,
+    weight: Tensor,
+    ref_topk_index: Tensor,
+    ref_topk_logprob: Tensor,
+    ref_tail_logprob: Tensor,
+    *,
+    labels: Tensor | None = None,
+    token_weight: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Top-k forward KL ``Σ_i w_i KL̃_i`` from cached reference top-k log-probs.
+
+    ``KL̃_i = Σ_{k∈K_i} p_k log(p_k/q_k) + p_t log(p_t/q_t)`` with ``q = softmax(z_i/τ)``,
+    ``q_t = Σ_{v∉K_i} q_v`` (computed directly, not as ``1 − Σ_K q_k``). Only the student's
+    logits are formed. ``k = V`` (with ``p_t = 0``) gives the exact KL.
+
+    Args:
+        ref_topk_index: ``[*hidden.shape[:-1], k]`` distinct token ids per row (any k ≤ V).
+        ref_topk_logprob: ``log p_k`` of the same shape (any float dtype), the reference
+            log-probs at the same temperature ``τ``.
+        ref_tail_logprob: ``[*hidden.shape[:-1]]`` ``log p_t = log(1 − Σ_K p_k)``; ``−inf``
+            for an empty tail.
+
+    The other arguments and the return value are those of :func:`fused_linear_kl`.
+    """
+    vocab, d = check_linear(hidden, weight, None)
+    _check_topk(hidden, vocab, ref_topk_index, ref_topk_logprob, ref_tail_logprob)
+    _check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_options(reduction, chunk_size)
+    temperature = _check_temperature(temperature)
+    k = ref_topk_index.shape[-1]
+    loss = FusedLinearKLTopkFunction.apply(
+        hidden.reshape(-1, d),
+        weight,
+        ref_topk_index.reshape(-1, k).long(),
+        ref_topk_logprob.detach().reshape(-1, k),
+        ref_tail_logprob.detach().reshape(-1),
+        None if labels is None else labels.reshape(-1),
+        None if token_weight is None else token_weight.detach().reshape(-1),
+        temperature,
+        ignore_index,
+        reduction,
+        chunk_size,
+        backend_name(backend, hidden.device),
+    )
+    return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss

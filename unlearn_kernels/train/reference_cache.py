@@ -1,0 +1,670 @@
+"""Reference cache: run the frozen reference once over a data set and keep, per response token,
+what each objective needs, so training never holds a second model or reference logits.
+
+The reference is the model with its PEFT adapters disabled (``disable_adapter()``, no second
+copy; a plain model is its own reference). For every response row — row ``t`` of an example
+predicts token ``t + 1``; rows are those of :func:`~unlearn_kernels.data.causal_lm_labels`
+that are not ignored, example by example, position by position — with reference logits
+``z = softcap(W h + b)`` and ``p = softmax(z/τ)``:
+
+============== ========= ====================================================================
+name           shape     content
+============== ========= ====================================================================
+label          [n]       the target token ``y`` (to check alignment with a training batch)
+hidden         [n, d]    final hidden states ``h`` (exact KL), in ``hidden_dtype``
+topk_index     [n, k]    the ``k`` most likely tokens under ``p`` (compressed KL)
+topk_logprob   [n, k]    their ``log p_v``
+tail_logprob   [n]       ``log(1 − Σ_{v∈K} p_v) = lse_{v∉K}(z_v/τ) − lse(z/τ)``: the tail's own
+                         logsumexp, so no cancellation when the top-k hold nearly all the mass
+                         (``−inf`` when ``k = V``)
+label_logprob  [n]       ``log softmax(z)_y`` at temperature 1 (NPO/SimNPO: per-example sums)
+============== ========= ====================================================================
+
+Logits are rebuilt from ``h`` chunk by chunk (never ``[n, V]`` for a whole batch). Log-probs
+are stored in fp32, ``label``/``topk_index`` as int32.
+
+**On disk.** A directory of ``shard-NNNNN.safetensors`` files, each holding whole examples
+and at most ``max_shard_bytes`` of tensors (its ``row_offsets [e + 1]`` included), then
+``manifest.json``, written last and atomically (temp file, fsync, ``os.replace``): a build
+that stops midway leaves no manifest and is refused. The manifest lists every shard's size
+(checked on open) and SHA-256 (checked on a shard's first read), the settings, and the
+fingerprint of what the cache was built from: the model (names, shapes, dtypes and values of
+its parameters, and its config), the data (token content, and the file hash when read from a
+file) and the tokenizer. Adapter parameters are left out of the model's fingerprint: the
+reference runs without them, and they change at every training step. Opening a cache against
+other inputs is a ``ValueError``. Only safetensors and JSON are read: nothing is unpickled.
+Reads are memory-mapped slices, one batch at a time.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from unlearn_kernels.data.formats import TokenizedPairs, file_sha256, tokenizer_sha256
+from unlearn_kernels.hf import (
+    OutputHead,
+    check_output_head,
+    final_hidden_states,
+    frozen_forward,
+    output_head,
+    unwrap_model,
+)
+from unlearn_kernels.ops.chunking import accumulate_dtype, chunk_rows
+
+CACHE_FORMAT = "unlearn-kernels/reference-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_PATTERN = "shard-{:05d}.safetensors"
+DEFAULT_SHARD_BYTES = 256 * 2**20
+#: Elements hashed per tensor by a sampled (not full) weight fingerprint.
+SAMPLE_ELEMENTS = 4096
+ROW_FIELDS = ("label", "hidden", "topk_index", "topk_logprob", "tail_logprob", "label_logprob")
+_HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Config keys that do not change the forward pass.
+_COSMETIC_CONFIG_KEYS = {
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "transformers_version",
+    "use_cache",
+}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a cache stores. ``topk=0`` stores no top-k; ``temperature`` applies to top-k only."""
+
+    topk: int = 32
+    temperature: float = 1.0
+    store_hidden: bool = True
+    store_label_logprob: bool = True
+    hidden_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hidden_dtype, torch.dtype):
+            object.__setattr__(self, "hidden_dtype", str(self.hidden_dtype).removeprefix("torch."))
+        if self.hidden_dtype not in _HIDDEN_DTYPES:
+            raise ValueError(
+                f"hidden_dtype must be one of {sorted(_HIDDEN_DTYPES)}, got {self.hidden_dtype!r}"
+            )
+        if not isinstance(self.topk, int) or self.topk < 0:
+            raise ValueError(f"topk must be an int >= 0, got {self.topk!r}")
+        if not 0.0 < float(self.temperature) < float("inf"):
+            raise ValueError(f"temperature must be positive and finite, got {self.temperature!r}")
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if not (self.topk or self.store_hidden or self.store_label_logprob):
+            raise ValueError(
+                "settings store nothing: set topk > 0, store_hidden or store_label_logprob"
+            )
+
+    def field_names(self) -> tuple[str, ...]:
+        """The per-row tensors a cache with these settings holds (a subset of ``ROW_FIELDS``)."""
+        stored = {
+            "label": True,
+            "hidden": self.store_hidden,
+            "topk_index": self.topk > 0,
+            "topk_logprob": self.topk > 0,
+            "tail_logprob": self.topk > 0,
+            "label_logprob": self.store_label_logprob,
+        }
+        return tuple(name for name in ROW_FIELDS if stored[name])
+
+
+def _normalised_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
+    """Parameters and buffers the reference uses, named as in the plain model: adapter tensors
+    (PEFT ``adapter_layer_names`` such as ``lora_A``, ``modules_to_save``) are dropped and wrapper
+    levels (``base_layer``, ``original_module``) removed, so a PEFT model with adapters disabled
+    fingerprints like its base model."""
+    base = unwrap_model(model)
+    adapter_names = set()
+    for module in base.modules():
+        adapter_names.update(getattr(type(module), "adapter_layer_names", ()))
+    named = []
+    for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
+        parts = name.split(".")
+        if adapter_names.intersection(parts):
+            continue
+        named.append(
+            (".".join(p for p in parts if p not in ("base_layer", "original_module")), tensor)
+        )
+    return sorted(named, key=lambda item: item[0])
+
+
+def _hash_tensor(digest: Any, tensor: Tensor, full: bool) -> None:
+    flat = tensor.detach().reshape(-1)
+    if not full and flat.numel() > SAMPLE_ELEMENTS:
+        flat = flat[torch.linspace(0, flat.numel() - 1, SAMPLE_ELEMENTS, device=flat.device).long()]
+    digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().data)
+
+
+def model_fingerprint(model: nn.Module, *, full: bool = True) -> dict[str, Any]:
+    """Identity of the reference computed by ``model`` (with any PEFT adapters disabled).
+
+    ``structure``: hash of parameter/buffer names, shapes and dtypes; ``weights``: hash of their
+    values (every byte, or ``SAMPLE_ELEMENTS`` evenly spaced elements per tensor when not
+    ``full``), including bitsandbytes quantisation state; ``config``: hash of the model config
+    without cosmetic keys.
+    """
+    base = unwrap_model(model)
+    structure, weights = hashlib.sha256(), hashlib.sha256()
+    n_parameters = 0
+    for name, tensor in _normalised_parameters(model):
+        structure.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        n_parameters += tensor.numel()
+        _hash_tensor(weights, tensor, full)
+        quant_state = getattr(tensor, "quant_state", None)
+        if quant_state is not None:
+            for key, value in sorted(quant_state.as_dict(packed=True).items()):
+                weights.update(key.encode())
+                _hash_tensor(weights, value, full)
+        if getattr(tensor, "SCB", None) is not None:
+            _hash_tensor(weights, tensor.SCB, full)
+    config = {
+        key: value
+        for key, value in base.config.to_dict().items()
+        if not key.startswith("_") and key not in _COSMETIC_CONFIG_KEYS
+    }
+    config_text = json.dumps(config, sort_keys=True, default=str)
+    return {
+        "structure": structure.hexdigest(),
+        "weights": weights.hexdigest(),
+        "weights_hash": "full" if full else "sample",
+        "config": hashlib.sha256(config_text.encode()).hexdigest(),
+        "n_parameters": n_parameters,
+    }
+
+
+def _data_fingerprint(data: TokenizedPairs) -> dict[str, Any]:
+    return {
+        "content_sha256": data.content_sha256(),
+        "source_sha256": data.source_sha256,
+        "n_examples": len(data),
+    }
+
+
+def reference_rows(
+    hidden: Tensor,
+    head: OutputHead,
+    labels: Tensor,
+    settings: CacheSettings,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """Top-k, tail and label log-probs of rows ``hidden [n, d]`` under ``head``, chunk by chunk.
+
+    Returns the fields of ``settings`` other than ``label``/``hidden``, on ``hidden``'s device.
+    """
+    n, vocab = hidden.shape[0], head.weight.shape[0]
+    k = settings.topk
+    if k > vocab:
+        raise ValueError(f"settings.topk={k} exceeds the vocabulary size {vocab}")
+    acc = accumulate_dtype(head.weight.dtype)
+    out = {}
+    if k:
+        out["topk_index"] = torch.empty(n, k, dtype=torch.int32, device=hidden.device)
+        out["topk_logprob"] = torch.empty(n, k, dtype=torch.float32, device=hidden.device)
+        out["tail_logprob"] = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if settings.store_label_logprob:
+        out["label_logprob"] = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    rows = chunk_rows(n, vocab, chunk_size)
+    for start in range(0, n, rows):
+        end = min(start + rows, n)
+        z = head.logits(hidden[start:end]).to(acc)
+        lse = torch.logsumexp(z, dim=1)
+        if settings.store_label_logprob:
+            target = labels[start:end].long()[:, None]
+            out["label_logprob"][start:end] = z.gather(1, target).squeeze(1) - lse
+        if k:
+            if settings.temperature != 1.0:
+                z.div_(settings.temperature)
+                lse = torch.logsumexp(z, dim=1)
+            top, index = z.topk(k, dim=1)
+            out["topk_index"][start:end] = index
+            out["topk_logprob"][start:end] = top - lse[:, None]
+            z.scatter_(1, index, float("-inf"))
+            out["tail_logprob"][start:end] = torch.logsumexp(z, dim=1) - lse
+    return out
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _ShardWriter:
+    """Buffers whole examples and writes a shard before its tensors would exceed ``max_bytes``.
+
+    A shard's tensors take ``8 + Σ_examples (their rows' bytes + 8)`` bytes (the ``+ 8`` are
+    ``row_offsets``); ``peak_bytes`` is the most ever buffered (writing a shard concatenates the
+    buffer, briefly holding it twice).
+    """
+
+    def __init__(self, path: Path, names: Sequence[str], max_bytes: int) -> None:
+        self.path, self.names, self.max_bytes = path, names, max_bytes
+        self.pending: list[dict[str, Tensor]] = []
+        self.pending_bytes = self.peak_bytes = 8
+        self.next_example = 0
+        self.shards: list[dict[str, Any]] = []
+
+    def add(self, example: dict[str, Tensor]) -> None:
+        size = sum(t.nbytes for t in example.values()) + 8
+        if 8 + size > self.max_bytes:
+            raise ValueError(
+                f"max_shard_bytes={self.max_bytes} is smaller than one example's record "
+                f"({8 + size} bytes): raise it"
+            )
+        if self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.append(example)
+        self.pending_bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.pending_bytes)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        counts = torch.tensor([e["label"].shape[0] for e in self.pending], dtype=torch.int64)
+        tensors = {"row_offsets": torch.cat([counts.new_zeros(1), counts.cumsum(0)])}
+        for name in self.names:
+            tensors[name] = torch.cat([e[name] for e in self.pending]).contiguous()
+        file = self.path / SHARD_PATTERN.format(len(self.shards))
+        save_file(tensors, str(file), metadata={"format": CACHE_FORMAT})
+        _fsync(file)
+        self.shards.append(
+            {
+                "file": file.name,
+                "first_example": self.next_example,
+                "n_examples": len(self.pending),
+                "n_rows": int(counts.sum()),
+                "tensor_bytes": sum(t.nbytes for t in tensors.values()),
+                "bytes": file.stat().st_size,
+                "sha256": file_sha256(file),
+            }
+        )
+        self.next_example += len(self.pending)
+        self.pending, self.pending_bytes = [], 8
+
+
+def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def build_reference_cache(
+    model: nn.Module,
+    data: TokenizedPairs,
+    path: str | Path,
+    settings: CacheSettings | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    chunk_size: int | None = None,
+    full_weight_hash: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run the frozen reference over ``data`` once and write a cache directory at ``path``.
+
+    Args:
+        model: a transformers causal LM, or a PEFT model whose adapters are disabled for the
+            pass (the reference is the base model).
+        data: the examples, processed ``batch_size`` at a time (right-padded).
+        settings: what to store (default :class:`CacheSettings`).
+        tokenizer: recorded in the fingerprint when given.
+        max_shard_bytes: bound on the tensors of one shard, and so on what the writer holds.
+        chunk_size: rows of reference logits formed at once (default: a 256 MiB budget).
+        full_weight_hash: hash every weight byte (else a sample per tensor; faster on big models).
+        overwrite: replace an existing cache at ``path``.
+
+    Returns:
+        The manifest (also written to ``path/manifest.json``).
+    """
+    settings = settings or CacheSettings()
+    if not isinstance(data, TokenizedPairs):
+        raise ValueError(f"data must be a TokenizedPairs, got {type(data).__name__}")
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    path = Path(path)
+    if (path / MANIFEST).exists() and not overwrite:
+        raise ValueError(f"path {str(path)!r} already holds a reference cache (overwrite=False)")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / MANIFEST).unlink(missing_ok=True)
+    for stale in path.glob("shard-*.safetensors"):
+        stale.unlink()
+
+    started = time.perf_counter()
+    names = settings.field_names()
+    writer = _ShardWriter(path, names, max_shard_bytes)
+    hidden_dtype = _HIDDEN_DTYPES[settings.hidden_dtype]
+    with frozen_forward(model, disable_adapters=True):
+        head = output_head(model)
+        device = head.weight.device
+        for start, batch in data.batches(batch_size):
+            ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+            if start == 0:
+                check_output_head(model, ids[:1], mask[:1])
+            labels = batch.labels()
+            valid = labels != -100
+            rows = final_hidden_states(model, ids, mask)[valid.to(device)]
+            target = labels[valid]
+            record = {"label": target.to(torch.int32)}
+            record.update(reference_rows(rows, head, target.to(device), settings, chunk_size))
+            if settings.store_hidden:
+                record["hidden"] = rows.to(hidden_dtype)
+            offsets = [0, *valid.sum(1).cumsum(0).tolist()]
+            record = {name: record[name].cpu() for name in names}
+            for first, end in itertools.pairwise(offsets):  # copies: no view pins the batch
+                writer.add({name: record[name][first:end].clone() for name in names})
+    writer.flush()
+
+    manifest = {
+        "format": CACHE_FORMAT,
+        "version": FORMAT_VERSION,
+        "settings": asdict(settings),
+        "fingerprint": {
+            "model": model_fingerprint(model, full=full_weight_hash),
+            "data": _data_fingerprint(data),
+            "tokenizer": None if tokenizer is None else tokenizer_sha256(tokenizer),
+        },
+        "hidden_size": head.weight.shape[1],
+        "vocab_size": head.weight.shape[0],
+        "n_examples": len(data),
+        "n_rows": sum(s["n_rows"] for s in writer.shards),
+        "max_shard_bytes": max_shard_bytes,
+        "peak_buffered_bytes": writer.peak_bytes,
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "shards": writer.shards,
+    }
+    _write_json_atomically(path / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass(frozen=True, eq=False)
+class ReferenceBatch:
+    """Cached reference rows of some examples, packed: example ``j`` owns rows
+    ``row_offsets[j]:row_offsets[j+1]``. Fields the cache does not store are ``None``;
+    ``label`` and ``topk_index`` are int64."""
+
+    example_index: Tensor
+    row_offsets: Tensor
+    label: Tensor
+    hidden: Tensor | None = None
+    topk_index: Tensor | None = None
+    topk_logprob: Tensor | None = None
+    tail_logprob: Tensor | None = None
+    label_logprob: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the batch's tensors."""
+        return sum(t.nbytes for f in fields(self) if (t := getattr(self, f.name)) is not None)
+
+    def sequence_logprob(self) -> Tensor:
+        """``[b]`` reference log-likelihood of each example's response: ``Σ_t label_logprob``."""
+        if self.label_logprob is None:
+            raise ValueError("the cache stores no label_logprob (store_label_logprob=False)")
+        owner = torch.repeat_interleave(
+            torch.arange(len(self.example_index)), self.row_offsets.diff()
+        )
+        total = torch.zeros(len(self.example_index), dtype=self.label_logprob.dtype)
+        return total.index_add_(0, owner, self.label_logprob)
+
+    def to_padded(self, name: str, labels: Tensor, ignore_index: int = -100) -> Tensor:
+        """Field ``name`` scattered to ``labels``' ``[B, T]`` layout (zeros on ignored rows).
+
+        ``labels`` must be this batch's examples in order; a row count or label that differs
+        from the cache's is a ``ValueError`` (different data, tokenisation or order).
+        """
+        value = getattr(self, name) if name in ROW_FIELDS else None
+        if value is None:
+            raise ValueError(f"name {name!r} is not a per-row field stored in this cache")
+        if labels.dim() != 2 or labels.shape[0] != len(self.example_index):
+            raise ValueError(
+                f"labels must be [B, T] with B={len(self.example_index)}, got {list(labels.shape)}"
+            )
+        valid = labels != ignore_index
+        if not torch.equal(valid.sum(1).cpu(), self.row_offsets.diff()):
+            raise ValueError(
+                "labels have a different number of response rows per example than the cache: "
+                f"{valid.sum(1).tolist()} vs {self.row_offsets.diff().tolist()}"
+            )
+        if not torch.equal(labels[valid].cpu().long(), self.label):
+            raise ValueError("labels differ from the cached reference's target tokens")
+        out = value.new_zeros(*labels.shape, *value.shape[1:])
+        out[valid.cpu()] = value
+        return out.to(labels.device)
+
+
+class ReferenceCache:
+    """A built cache, opened for reading. Checks the manifest, the shard sizes and every
+    fingerprint given; shards are hashed on first read when ``verify``.
+
+    Args:
+        path: the cache directory.
+        model: the model to be trained against it (its adapter-free fingerprint must match),
+            or ``None`` to skip that check explicitly.
+        data: the data it is used with (token content, and file hash when both are known),
+            or ``None`` to skip.
+        tokenizer: checked when both it and the cache's are known.
+        settings: the settings expected (all fields must match), or ``None``.
+        verify: check each shard's SHA-256 the first time it is read.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model: nn.Module | None,
+        data: TokenizedPairs | None,
+        tokenizer: Any = None,
+        settings: CacheSettings | None = None,
+        verify: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        manifest_file = self.path / MANIFEST
+        if not manifest_file.is_file():
+            raise ValueError(
+                f"path {str(self.path)!r} holds no complete reference cache: {MANIFEST} is missing "
+                "(the build was interrupted or never run); rebuild it"
+            )
+        try:
+            self.manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{manifest_file} is not valid JSON ({err}); rebuild the cache"
+            ) from err
+        if (
+            self.manifest.get("format") != CACHE_FORMAT
+            or self.manifest.get("version") != FORMAT_VERSION
+        ):
+            raise ValueError(
+                f"{manifest_file} is not a version-{FORMAT_VERSION} {CACHE_FORMAT} manifest"
+            )
+        self.settings = CacheSettings(**self.manifest["settings"])
+        for shard in self.manifest["shards"]:
+            file = self.path / shard["file"]
+            size = file.stat().st_size if file.is_file() else None
+            if size != shard["bytes"]:
+                raise ValueError(
+                    f"shard {file} is {'missing' if size is None else f'{size} bytes'}, the "
+                    f"manifest says {shard['bytes']}: the cache is truncated or damaged; rebuild it"
+                )
+        self._check_fingerprint(model, data, tokenizer, settings)
+        self.verify = verify
+        self._verified: set[str] = set()
+        self._offsets: dict[int, Tensor] = {}
+        self._first = [s["first_example"] for s in self.manifest["shards"]]
+
+    def _check_fingerprint(
+        self,
+        model: nn.Module | None,
+        data: TokenizedPairs | None,
+        tokenizer: Any,
+        settings: CacheSettings | None,
+    ) -> None:
+        recorded = self.manifest["fingerprint"]
+        problems = []
+        if model is not None:
+            full = recorded["model"]["weights_hash"] == "full"
+            actual = model_fingerprint(model, full=full)
+            problems += [
+                f"model {key}"
+                for key in ("structure", "weights", "config")
+                if actual[key] != recorded["model"][key]
+            ]
+        if data is not None:
+            actual = _data_fingerprint(data)
+            if actual["content_sha256"] != recorded["data"]["content_sha256"]:
+                problems.append("data tokens")
+            if None not in (actual["source_sha256"], recorded["data"]["source_sha256"]) and (
+                actual["source_sha256"] != recorded["data"]["source_sha256"]
+            ):
+                problems.append("data file")
+        if tokenizer is not None and recorded["tokenizer"] not in (
+            None,
+            tokenizer_sha256(tokenizer),
+        ):
+            problems.append("tokenizer")
+        if settings is not None and settings != self.settings:
+            problems += [
+                f"setting {f.name} ({getattr(settings, f.name)!r} vs cached "
+                f"{getattr(self.settings, f.name)!r})"
+                for f in fields(settings)
+                if getattr(settings, f.name) != getattr(self.settings, f.name)
+            ]
+        if problems:
+            raise ValueError(
+                f"reference cache {str(self.path)!r} was built from other inputs — mismatched: "
+                f"{', '.join(problems)}; rebuild it for these inputs"
+            )
+
+    def __len__(self) -> int:
+        return self.manifest["n_examples"]
+
+    def _open_shard(self, shard_id: int) -> Any:
+        shard = self.manifest["shards"][shard_id]
+        file = self.path / shard["file"]
+        if self.verify and shard["file"] not in self._verified:
+            if file_sha256(file) != shard["sha256"]:
+                raise ValueError(f"shard {file} does not match its SHA-256: the cache is damaged")
+            self._verified.add(shard["file"])
+        return safe_open(str(file), framework="pt")
+
+    def _row_offsets(self, shard_id: int) -> Tensor:
+        if shard_id not in self._offsets:
+            with self._open_shard(shard_id) as f:
+                self._offsets[shard_id] = f.get_tensor("row_offsets")
+        return self._offsets[shard_id]
+
+    def _runs(self, indices: list[int]) -> Iterator[tuple[int, int, int]]:
+        """``(shard, first local example, end)`` for maximal runs of consecutive indices."""
+        j = 0
+        while j < len(indices):
+            shard_id = bisect.bisect_right(self._first, indices[j]) - 1
+            shard = self.manifest["shards"][shard_id]
+            local = indices[j] - shard["first_example"]
+            end = local + 1
+            while (
+                j + 1 < len(indices)
+                and indices[j + 1] == indices[j] + 1
+                and end < shard["n_examples"]
+            ):
+                j, end = j + 1, end + 1
+            j += 1
+            yield shard_id, local, end
+
+    def batch(self, indices: Sequence[int]) -> ReferenceBatch:
+        """The cached rows of examples ``indices`` (any order), read as memory-mapped slices."""
+        indices = [int(i) for i in indices]
+        if not indices or min(indices) < 0 or max(indices) >= len(self):
+            raise ValueError(f"indices must be a non-empty list in [0, {len(self)}), got {indices}")
+        names = self.settings.field_names()
+        pieces: dict[str, list[Tensor]] = {name: [] for name in names}
+        counts = []
+        for shard_id, local, end in self._runs(indices):
+            offsets = self._row_offsets(shard_id)
+            first, last = int(offsets[local]), int(offsets[end])
+            counts.append(offsets[local : end + 1].diff())
+            with self._open_shard(shard_id) as f:
+                for name in names:
+                    pieces[name].append(f.get_slice(name)[first:last])
+        counts = torch.cat(counts)
+        values = {
+            name: parts[0] if len(parts) == 1 else torch.cat(parts)
+            for name, parts in pieces.items()
+        }
+        for name in ("label", "topk_index"):
+            if name in values:
+                values[name] = values[name].long()
+        return ReferenceBatch(
+            example_index=torch.tensor(indices, dtype=torch.int64),
+            row_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+            **values,
+        )
+
+    def row_bytes(self) -> int:
+        """Bytes of one row in a :class:`ReferenceBatch` (``label``/``topk_index`` as int64)."""
+        s = self.settings
+        size = 8
+        if s.store_hidden:
+            size += self.manifest["hidden_size"] * _HIDDEN_DTYPES[s.hidden_dtype].itemsize
+        if s.topk:
+            size += s.topk * (8 + 4) + 4
+        if s.store_label_logprob:
+            size += 4
+        return size
+
+    def iter_batches(
+        self, *, batch_size: int | None = None, max_bytes: int | None = None
+    ) -> Iterator[ReferenceBatch]:
+        """Consecutive examples in batches of at most ``batch_size`` examples and at most
+        ``max_bytes`` of tensors (:attr:`ReferenceBatch.nbytes`); one batch is held at a time."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
+            raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+        if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes <= 0):
+            raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        row_bytes = self.row_bytes()
+        current: list[int] = []
+        size = 8  # the leading row offset
+        for shard_id, shard in enumerate(self.manifest["shards"]):
+            counts = self._row_offsets(shard_id).diff().tolist()
+            for local, count in enumerate(counts):
+                example_bytes = 16 + count * row_bytes  # its index, its offset, its rows
+                if max_bytes is not None and 8 + example_bytes > max_bytes:
+                    raise ValueError(
+                        f"max_bytes={max_bytes} is smaller than example "
+                        f"{shard['first_example'] + local}'s {8 + example_bytes} bytes"
+                    )
+                full = (batch_size is not None and len(current) == batch_size) or (
+                    max_bytes is not None and size + example_bytes > max_bytes
+                )
+                if full:
+                    yield self.batch(current)
+                    current, size = [], 8
+                current.append(shard["first_example"] + local)
+                size += example_bytes
+        if current:
+            yield self.batch(current)
