@@ -3,9 +3,9 @@ PyTorch and Liger-Kernel's fused linear JSD (β = 0: forward KL), forward + back
 
 Jobs, each in a fresh process:
 
-* memory jobs (``kl_fused``, ``kl_unfused``, ``topk_fused``, ``liger_jsd``): one run of one
-  configuration; its peak is ``VmHWM`` from ``/proc/self/status``, reset after the inputs are
-  built (``/proc/self/clear_refs``) and read above the resident size at that point;
+* memory jobs (``kl_fused``, ``kl_unfused``, ``topk_fused``, ``liger_jsd``): one configuration
+  measured by :func:`benchmarks.harness.measure` (a warm-up, then ``--repeats`` timed runs;
+  peak resident memory above the inputs);
 * time jobs: rounds of interleaved runs of what a ratio compares, so that both sides of a ratio
   see the same load on a shared machine — ``kl_time`` (the exact op, its floor, unfused
   PyTorch), ``topk_time`` (the top-k op, its floor), ``chunk_time`` (both ops and floors on one
@@ -15,21 +15,20 @@ Jobs, each in a fresh process:
 Shapes: hidden ``[N, d]`` (requires grad), a frozen output weight ``[V, d]`` shared by student
 and reference (LoRA), cached reference hidden states ``[N, d]``; every row carries a loss.
 
-    nice python benchmarks/bench_kl.py                  # N=4096 d=2048 V=128256 → results/kl.md
-    python benchmarks/bench_kl.py --n 256 --d 64 --vocab 4096 --out /tmp/kl_small.md
+    python -m benchmarks.bench_kl        # N=4096 d=2048 V=128256 → results/kl.md
+    python -m benchmarks.bench_kl --n 256 --d 64 --vocab 4096 --out /tmp/kl_small.md
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+
+from benchmarks.harness import measure, run_isolated, time_calls
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "kl.md"
@@ -37,22 +36,6 @@ MEMORY_JOBS = ("kl_fused", "kl_unfused", "topk_fused", "liger_jsd")
 TIME_JOBS = ("kl_time", "topk_time", "chunk_time")
 JOBS = MEMORY_JOBS + TIME_JOBS
 TOPK = 32
-
-
-def memory_kb(field: str) -> int:
-    """``VmHWM``/``VmRSS`` of this process in kB."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak() -> int:
-    """Reset ``VmHWM`` to the current resident size and return that size (kB)."""
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
-    return memory_kb("VmRSS")
 
 
 def make_inputs(n: int, d: int, vocab: int) -> dict:
@@ -75,13 +58,6 @@ def make_inputs(n: int, d: int, vocab: int) -> dict:
         "logprob": logprob[:, :TOPK].contiguous(),
         "tail": logprob[:, TOPK].contiguous(),
     }
-
-
-def timed(fn: Callable[[], float]) -> tuple[float, float]:
-    """``(seconds, loss)`` of one call."""
-    start = time.perf_counter()
-    loss = fn()
-    return time.perf_counter() - start, loss
 
 
 def floor_fn(inputs: dict, with_reference: bool, rows: int | None = None) -> Callable[[], float]:
@@ -150,12 +126,9 @@ def op_fn(config: str, inputs: dict, backend: str, rows: int | None = None) -> C
 
 
 def measure_memory(config: str, args: argparse.Namespace) -> dict:
-    """One run of ``config`` in this process: peak memory above inputs, time, loss."""
+    """``config`` in this process: times, peak memory above the inputs, loss."""
     inputs = make_inputs(args.n, args.d, args.vocab)
-    op = op_fn(config, inputs, args.backend)
-    baseline = reset_peak()
-    seconds, loss = timed(op)
-    return {"seconds": seconds, "loss": loss, "peak_mb": (memory_kb("VmHWM") - baseline) / 1024}
+    return measure(op_fn(config, inputs, args.backend), args.memory_repeats)
 
 
 def measure_times(job: str, args: argparse.Namespace) -> dict:
@@ -185,22 +158,17 @@ def measure_times(job: str, args: argparse.Namespace) -> dict:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(args.repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn)[0])
+            times[name] += time_calls(fn, 1)
     return {"times": times}
 
 
 def spawn(job: str, args: argparse.Namespace) -> dict:
     """Run one job in a fresh process (Liger's Triton kernels: interpreted on CPU)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if job == "liger_jsd":
-        env["TRITON_INTERPRET"] = "1"
-    command = [sys.executable, __file__, "--run", job, "--backend", args.backend]
-    for flag in ("n", "d", "vocab", "repeats"):
-        command += [f"--{flag}", str(getattr(args, flag))]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    env = {"TRITON_INTERPRET": "1"} if job == "liger_jsd" else None
+    flags = ["--worker", job, "--backend", args.backend]
+    for flag in ("n", "d", "vocab", "repeats", "memory_repeats"):
+        flags += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return run_isolated("benchmarks.bench_kl", flags, env=env)
 
 
 def cache_bytes(d: int, vocab: int) -> list[tuple[str, int]]:
@@ -248,8 +216,9 @@ def report(results: dict, args: argparse.Namespace) -> str:
     }
     for job, name in names.items():
         r = results.get(job, {})
-        if "peak_mb" in r:
-            lines.append(f"| {name} | {r['peak_mb']:.0f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
+        if "peak_above_inputs" in r:
+            peak, seconds = r["peak_above_inputs"] / 2**20, r["median"]
+            lines.append(f"| {name} | {peak:.0f} | {seconds:.1f} | {r['value']:.6f} |")
         else:
             lines.append(f"| {name} | {' '.join(r.get('error', ['not run']))} | | |")
     lines += [
@@ -295,30 +264,31 @@ def _ratios(results: dict) -> list[str]:
         f"- one chunk, top-k KL / its products: {ratio('chunk_time', 'topk_fused', 'topk_floor')}",
     ]
     fused, unfused = results.get("kl_fused", {}), results.get("kl_unfused", {})
-    if "peak_mb" in fused and "peak_mb" in unfused:
-        lines.append(
-            f"- exact KL peak / unfused peak: {fused['peak_mb'] / unfused['peak_mb']:.3f}"
-            " — target ≤ 0.10"
-        )
+    if "peak_above_inputs" in fused and "peak_above_inputs" in unfused:
+        share = fused["peak_above_inputs"] / unfused["peak_above_inputs"]
+        lines.append(f"- exact KL peak / unfused peak: {share:.3f} — target ≤ 0.10")
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--d", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each timing job")
+    parser.add_argument(
+        "--memory-repeats", type=int, default=1, help="timed runs of a memory job after warm-up"
+    )
     parser.add_argument("--backend", default="cpu", help="backend of the fused ops")
     parser.add_argument("--configs", nargs="+", default=list(JOBS), choices=JOBS, help="jobs")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--run", choices=JOBS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.run:
-        measure = measure_memory if args.run in MEMORY_JOBS else measure_times
-        print(json.dumps(measure(args.run, args)))
+    parser.add_argument("--worker", choices=JOBS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        job = measure_memory if args.worker in MEMORY_JOBS else measure_times
+        print(json.dumps(job(args.worker, args)))
         return
-    command = "python benchmarks/bench_kl.py " + shlex.join(sys.argv[1:])
+    command = "python -m benchmarks.bench_kl " + shlex.join(argv or sys.argv[1:])
     shape = {"n": args.n, "d": args.d, "vocab": args.vocab, "backend": args.backend}
     # Results of the same shape kept from earlier runs (a job can be re-run alone).
     store = args.out.with_suffix(".json")

@@ -61,9 +61,13 @@ def measure(step: Callable[[], object], repeats: int) -> dict:
     }
 
 
-def run_isolated(module: str, args: list[str], timeout: float = 3600) -> dict:
-    """Run ``python -m module *args`` (which prints one JSON line last) and parse its report."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def run_isolated(
+    module: str, args: list[str], timeout: float = 7200, env: dict[str, str] | None = None
+) -> dict:
+    """Run ``python -m module *args`` (which prints one JSON line last) and parse its report;
+    ``env`` adds to this process's environment."""
+    path = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, **(env or {}), "PYTHONPATH": path}
     proc = subprocess.run(
         [sys.executable, "-m", module, *args],
         capture_output=True,

@@ -12,8 +12,18 @@ import argparse
 
 from benchmarks.harness import fmt_bytes, run_isolated
 
-#: (name, benchmark module, fused method, unfused method)
-LOSSES = [("cross-entropy", "benchmarks.bench_cross_entropy", "fused", "unfused")]
+#: (name, benchmark module, its flags, its flag for timed runs, fused method, unfused method)
+LOSSES = [
+    (
+        "cross-entropy",
+        "benchmarks.bench_cross_entropy",
+        ["--frozen"],
+        "--repeats",
+        "fused",
+        "unfused",
+    ),
+    ("forward KL", "benchmarks.bench_kl", [], "--memory-repeats", "kl_fused", "kl_unfused"),
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     shape = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(args.vocab)]
-    print(f"N={args.n} d={args.d} V={args.vocab} fp32, 40% prompt rows, frozen output weight")
+    print(
+        f"N={args.n} d={args.d} V={args.vocab} fp32, frozen output weight; cross-entropy: 40% "
+        "prompt rows; KL: every row, against cached reference hidden states"
+    )
     print(f"{'loss':<16}{'fused':>14}{'unfused':>14}{'rel diff':>10}{'time ×':>9}{'memory ×':>10}")
     worst = 0.0
-    for name, module, fused_method, unfused_method in LOSSES:
-        flags = [*shape, "--frozen", "--repeats", str(args.repeats), "--worker"]
+    for name, module, extra, repeats_flag, fused_method, unfused_method in LOSSES:
+        flags = [*shape, *extra, repeats_flag, str(args.repeats), "--worker"]
         fused = run_isolated(module, [*flags, fused_method])
         unfused = run_isolated(module, [*flags, unfused_method])
         if "error" in fused or "error" in unfused:

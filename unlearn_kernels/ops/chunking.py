@@ -159,3 +159,33 @@ def finish_grads(
     grad_weight = None if grads.weight is None else grads.weight.to(weight.dtype)
     grad_bias = None if grads.bias is None or bias is None else grads.bias.to(bias.dtype)
     return grad_hidden, grad_weight, grad_bias
+
+
+def reduction_scale(selection: RowSelection, reduction: str, like: Tensor) -> Tensor:
+    """``s_i = w_i / D`` (``D`` = #labelled rows for ``mean``, 1 for ``sum``): the reduced loss
+    is ``Σ_i s_i ℓ_i`` and ``s_i`` scales row ``i``'s logit gradient."""
+    denominator = max(selection.n_labelled, 1) if reduction == "mean" else 1
+    scale = torch.full_like(like, 1.0 / denominator)
+    return scale if selection.weight is None else scale.mul_(selection.weight)
+
+
+def upstream_scale(
+    grad_output: Tensor, index: Tensor, weight: Tensor | None, dtype: torch.dtype
+) -> Tensor:
+    """``g_i w_i`` of the selected rows: the row scale of a recompute-mode (``none``) backward."""
+    scale = grad_output.reshape(-1).index_select(0, index).to(dtype)
+    return scale if weight is None else scale.mul_(weight)
+
+
+def scale_saved_grads(
+    grads: tuple[Tensor | None, ...], grad_output: Tensor
+) -> tuple[Tensor | None, ...]:
+    """Gradients saved by a forward sweep, times ``grad_output`` (returned as is when it is 1)."""
+    if torch.equal(grad_output, torch.ones_like(grad_output)):
+        return grads
+    return tuple(None if g is None else g * grad_output for g in grads)
+
+
+def scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:
+    """Per-row losses of the selected rows back to all ``n_total`` rows, 0 elsewhere."""
+    return row_loss.new_zeros(n_total).index_copy_(0, index, row_loss)

@@ -30,8 +30,12 @@ from unlearn_kernels.ops.chunking import (
     accumulate_dtype,
     allocate_grads,
     finish_grads,
+    reduction_scale,
+    scale_saved_grads,
+    scatter_rows,
     select_rows,
     sweep,
+    upstream_scale,
 )
 
 
@@ -80,13 +84,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(
                 rows, weight, bias, selection.index, target, selection.weight, lse
             )
-            loss = row_loss.new_zeros(ctx.n_total)
-            return loss.index_copy_(0, selection.index, row_loss)
+            return scatter_rows(row_loss, selection.index, ctx.n_total)
 
-        denominator = max(selection.n_labelled, 1) if reduction == "mean" else 1
-        scale = torch.full_like(row_loss, 1.0 / denominator)
-        if selection.weight is not None:
-            scale.mul_(selection.weight)
+        scale = reduction_scale(selection, reduction, row_loss)
         grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
         grad_scale = scale if grads.any else None
 
@@ -107,9 +107,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             grads = _recompute_backward(ctx, grad_output)
         else:
-            grads = ctx.saved_tensors
-            if not torch.equal(grad_output, torch.ones_like(grad_output)):
-                grads = tuple(None if g is None else g * grad_output for g in grads)
+            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
         return (*grads, None, None, None, None, None, None, None)
 
 
@@ -117,9 +115,7 @@ def _recompute_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``reduction='none'``: rebuild each chunk and write ``g_i w_i (softmax − e_y)`` over it."""
     rows, weight, bias, index, target, token_weight, lse = ctx.saved_tensors
     epilogues = get_backend(ctx.backend, rows.device)
-    scale = grad_output.reshape(-1).index_select(0, index).to(accumulate_dtype(rows.dtype))
-    if token_weight is not None:
-        scale.mul_(token_weight)
+    scale = upstream_scale(grad_output, index, token_weight, accumulate_dtype(rows.dtype))
     grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
 
     def backward(start: int, end: int, logits: Tensor) -> None:

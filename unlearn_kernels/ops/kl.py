@@ -46,8 +46,12 @@ from unlearn_kernels.ops.chunking import (
     allocate_grads,
     finish_grads,
     linear_into,
+    reduction_scale,
+    scale_saved_grads,
+    scatter_rows,
     select_rows,
     sweep,
+    upstream_scale,
 )
 
 
@@ -94,37 +98,10 @@ class _ReferenceLogits:
         return out.copy_(self.ref_logits.index_select(0, self.index[start:end]))
 
 
-def _reduction_scale(selection: RowSelection, reduction: str, like: Tensor) -> Tensor:
-    """``s_i = w_i / denominator``: the loss is ``Σ_i s_i KL_i`` for ``sum``/``mean``."""
-    denominator = max(selection.n_labelled, 1) if reduction == "mean" else 1
-    scale = torch.full_like(like, 1.0 / denominator)
-    return scale if selection.weight is None else scale.mul_(selection.weight)
-
-
-def _upstream_scale(
-    grad_output: Tensor, index: Tensor, weight: Tensor | None, like: Tensor
-) -> Tensor:
-    """``g_i w_i`` for the selected rows, for recompute-mode backward."""
-    scale = grad_output.reshape(-1).index_select(0, index).to(like.dtype)
-    return scale if weight is None else scale.mul_(weight)
-
-
-def _scaled(grads: tuple[Tensor | None, ...], grad_output: Tensor) -> tuple[Tensor | None, ...]:
-    """The gradients saved by the forward sweep, times ``grad_output`` (no copy when it is 1)."""
-    if torch.equal(grad_output, torch.ones_like(grad_output)):
-        return grads
-    return tuple(None if g is None else g * grad_output for g in grads)
-
-
 def _log_normalisers(like: Tensor) -> tuple[Tensor, Tensor]:
     """Two fp64 buffers for the per-row log-normalisers the epilogues return."""
     first = torch.empty(like.shape, dtype=torch.float64, device=like.device)
     return first, torch.empty_like(first)
-
-
-def _scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:
-    """Per-row losses back to all ``n_total`` rows, 0 on unselected ones."""
-    return row_loss.new_zeros(n_total).index_copy_(0, index, row_loss)
 
 
 class FusedLinearKLFunction(torch.autograd.Function):
@@ -181,9 +158,9 @@ class FusedLinearKLFunction(torch.autograd.Function):
             ctx.save_for_backward(
                 rows, weight, ref_rows, ref_weight, selection.index, selection.weight, lse, lse_ref
             )
-            return _scatter_rows(row_loss, selection.index, ctx.n_total)
+            return scatter_rows(row_loss, selection.index, ctx.n_total)
 
-        scale = _reduction_scale(selection, reduction, row_loss)
+        scale = reduction_scale(selection, reduction, row_loss)
         grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
         grad_scale = scale if grads.any else None
 
@@ -202,11 +179,11 @@ class FusedLinearKLFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         if ctx.reduction != "none":
-            grads = _scaled(ctx.saved_tensors, grad_output)
+            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
             return (*grads, *[None] * 10)
         rows, weight, ref_rows, ref_weight, index, token_weight, lse, lse_ref = ctx.saved_tensors
         epilogues = get_backend(ctx.backend, rows.device)
-        scale = _upstream_scale(grad_output, index, token_weight, lse)
+        scale = upstream_scale(grad_output, index, token_weight, lse.dtype)
         reference = _ReferenceLogits(ref_rows, ref_weight, ctx.ref_logits, index, rows)
         grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
         vocab = weight.shape[0]
@@ -279,9 +256,9 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
             ctx.save_for_backward(
                 rows, weight, index, logprob, tail, selection.index, selection.weight, lse, lse_tail
             )
-            return _scatter_rows(row_loss, selection.index, ctx.n_total)
+            return scatter_rows(row_loss, selection.index, ctx.n_total)
 
-        scale = _reduction_scale(selection, reduction, row_loss)
+        scale = reduction_scale(selection, reduction, row_loss)
         grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
         grad_scale = scale if grads.any else None
 
@@ -302,13 +279,13 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         if ctx.reduction != "none":
-            grads = _scaled(ctx.saved_tensors, grad_output)
+            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
             return (*grads, *[None] * 10)
         rows, weight, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
             ctx.saved_tensors
         )
         epilogues = get_backend(ctx.backend, rows.device)
-        scale = _upstream_scale(grad_output, row_index, token_weight, lse)
+        scale = upstream_scale(grad_output, row_index, token_weight, lse.dtype)
         grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
 
         def backward(start: int, end: int, logits: Tensor) -> None:

@@ -1,0 +1,26 @@
+"""The README's main job and the benchmark pages run end to end at a tiny shape."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import bench_kl, side_by_side
+
+TINY = ["--n", "48", "--d", "16", "--vocab", "300", "--repeats", "1"]
+
+
+def test_side_by_side_agrees(capsys):
+    assert side_by_side.main(TINY) == 0
+    out = capsys.readouterr().out
+    assert "cross-entropy" in out and "forward KL" in out and "failed" not in out
+
+
+def test_kl_page(tmp_path):
+    out = tmp_path / "kl.md"
+    jobs = ["kl_fused", "kl_unfused", "topk_fused", "kl_time", "topk_time"]
+    bench_kl.main([*TINY, "--configs", *jobs, "--out", str(out)])
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert all("error" not in results[job] for job in jobs), results
+    fused, unfused = results["kl_fused"]["value"], results["kl_unfused"]["value"]
+    assert abs(fused - unfused) <= 1e-5 * abs(unfused)
+    assert "exact KL / its 3 products" in out.read_text()
