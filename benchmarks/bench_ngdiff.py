@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "# NGDiff combine: fused vs PyTorch foreach vs the streaming floor (CPU)",
         "",
         f"Made by `{command.strip()}` on {cpu_name()} ({os.cpu_count()} cores), "
-        f"torch {torch.__version__}; a shared machine (other jobs were running).",
+        f"torch {torch.__version__}; each section's load average is printed in its heading.",
         "",
         f"{len(shapes)} LoRA tensors (r={args.rank}, Qwen2.5-7B module shapes), "
         f"{n / 1e6:.1f} M fp32 parameters per task ({4 * n / 2**20:.0f} MiB per list). "
