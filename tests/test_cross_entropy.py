@@ -326,6 +326,16 @@ class TestBadInput:
         with pytest.raises(ValueError, match=word):
             self.call(**override)
 
+    @pytest.mark.parametrize("name", ["hidden", "weight", "token_weight"])
+    def test_non_finite_input_named_when_checking(self, monkeypatch, name):
+        bad = self.inputs[name].detach().clone()
+        bad.view(-1)[3] = float("nan")
+        self.call(**{name: bad})  # off by default: no error, no read of the inputs
+        monkeypatch.setenv("UNLEARN_KERNELS_CHECK_FINITE", "1")
+        with pytest.raises(ValueError, match=f"{name} holds 1 non-finite"):
+            self.call(**{name: bad})
+        assert torch.isfinite(self.call())
+
     def test_ignore_index_is_allowed(self):
         labels = self.inputs["labels"].clone()
         labels[0] = -100

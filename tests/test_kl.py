@@ -543,6 +543,13 @@ class TestBadInput:
         with pytest.raises(ValueError, match=word):
             self.exact(**override)
 
+    def test_non_finite_reference_named_when_checking(self, monkeypatch):
+        ref_hidden = torch.randn(8, 4)
+        ref_hidden[2, 1] = float("inf")
+        monkeypatch.setenv("UNLEARN_KERNELS_CHECK_FINITE", "1")
+        with pytest.raises(ValueError, match="ref_hidden holds 1 non-finite"):
+            self.exact(ref_hidden=ref_hidden)
+
     @pytest.mark.parametrize(
         ("override", "word"),
         [

@@ -1,7 +1,14 @@
 """Input validation shared by the public ops: every failure is a ``ValueError`` naming the
-argument and what was expected."""
+argument and what was expected.
+
+Shapes, dtypes, devices and label ranges are always checked. Finiteness costs a read of every
+input, so it is checked only with ``UNLEARN_KERNELS_CHECK_FINITE=1`` (for debugging a run
+whose loss went NaN: the error names the first non-finite input).
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -14,6 +21,16 @@ def check_tensor(name: str, value: object) -> Tensor:
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     return value
+
+
+def check_finite(**tensors: Tensor | None) -> None:
+    """With ``UNLEARN_KERNELS_CHECK_FINITE=1``: every given tensor holds only finite values."""
+    if os.environ.get("UNLEARN_KERNELS_CHECK_FINITE") != "1":
+        return
+    for name, value in tensors.items():
+        if value is not None and not bool(torch.isfinite(value.detach()).all()):
+            count = int((~torch.isfinite(value.detach())).sum())
+            raise ValueError(f"{name} holds {count} non-finite value(s) (NaN or ±inf)")
 
 
 def check_linear(

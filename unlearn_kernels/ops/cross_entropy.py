@@ -23,7 +23,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from unlearn_kernels._checks import check_labels, check_linear, check_options, check_token_weight
+from unlearn_kernels._checks import (
+    check_finite,
+    check_labels,
+    check_linear,
+    check_options,
+    check_token_weight,
+)
 from unlearn_kernels.backends import backend_name, get_backend
 from unlearn_kernels.ops.chunking import (
     GradTargets,
@@ -164,6 +170,7 @@ def fused_linear_cross_entropy(
     check_labels(labels, hidden, vocab, ignore_index)
     check_token_weight(token_weight, hidden)
     check_options(reduction, chunk_size, softcap)
+    check_finite(hidden=hidden, weight=weight, bias=bias, token_weight=token_weight)
     loss = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, d),
         weight,

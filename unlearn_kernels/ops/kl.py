@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from unlearn_kernels._checks import (
+    check_finite,
     check_labels,
     check_linear,
     check_options,
@@ -454,6 +455,13 @@ def fused_linear_kl(
     vocab, d = check_linear(hidden, weight, None)
     _check_reference(hidden, weight, ref_hidden, ref_weight, ref_logits)
     _check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_finite(
+        hidden=hidden,
+        weight=weight,
+        ref_hidden=ref_hidden,
+        ref_weight=ref_weight,
+        token_weight=token_weight,
+    )
     check_options(reduction, chunk_size)
     temperature = _check_temperature(temperature)
     if ref_hidden is not None and ref_weight is None:
@@ -508,6 +516,7 @@ def fused_linear_kl_topk(
     vocab, d = check_linear(hidden, weight, None)
     _check_topk(hidden, vocab, ref_topk_index, ref_topk_logprob, ref_tail_logprob)
     _check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_finite(hidden=hidden, weight=weight, token_weight=token_weight)
     check_options(reduction, chunk_size)
     temperature = _check_temperature(temperature)
     k = ref_topk_index.shape[-1]
