@@ -366,6 +366,7 @@ def _dp_worker(rank: int, world: int, init_file: str, out_file: str, data: dict)
             results[mode] = ([p.grad.clone() for p in grads.params], [float(n) for n in norms])
         if rank == 0:
             torch.save(results, out_file)
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
