@@ -37,7 +37,7 @@ def rel_err(out: Tensor | None, ref: Tensor | None) -> float:
     if ref is None:
         assert out is None
         return 0.0
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out).all():
         return float("inf")
     denom = ref.norm()
