@@ -27,6 +27,7 @@
 #include <tuple>
 
 #include "registry.h"
+#include "row_sweep.h"
 
 namespace unlearn_kernels {
 namespace {
@@ -175,11 +176,6 @@ inline void row_grad(T* row, int64_t V, float shift_f, float k_f, const Cap& c) 
     Io<T>::load(row + j, rest, x0, x1);
     Io<T>::store(row + j, rest, grad_vec<kCap>(x0, shift, k, c), grad_vec<kCap>(x1, shift, k, c));
   }
-}
-
-// Rows per parallel task: enough elements that a task is worth a thread wake-up.
-inline int64_t grain_rows(int64_t V) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
 }
 
 inline Cap make_cap(std::optional<double> softcap) {
@@ -349,11 +345,6 @@ at::Tensor row_vector(const char* fn, const char* name, const at::Tensor& v, int
 // Accumulation dtype: fp32, or fp64 for fp64 logits.
 at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-void mark_written(at::Tensor& x) {
-  // Writes through data_ptr bypass autograd's version counter; bump it as x.copy_ would.
-  if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
 std::tuple<at::Tensor, at::Tensor> ce_forward(at::Tensor x, const at::Tensor& target_in,

@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "registry.h"
+#include "row_sweep.h"
 
 namespace unlearn_kernels {
 namespace {
@@ -290,9 +291,6 @@ void row_grad(T* x, const T* xr, int64_t V, Acc<T> inv_tau, Acc<T> c1, const Shi
   }
 }
 
-// Rows per parallel task: enough elements that a task is worth a thread wake-up.
-inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
-
 // p · d, 0 when p = 0 (log p = −inf) whatever d is.
 inline double p_times(double log_p, double d) {
   const double p = std::exp(log_p);
@@ -492,11 +490,6 @@ const int64_t* checked_index(const char* fn, const at::Tensor& index, int64_t n,
 void check_temperature(const char* fn, double temperature) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, fn,
                     ": temperature must be positive and finite, got ", temperature);
-}
-
-void mark_written(at::Tensor& x) {
-  // Writes through data_ptr bypass autograd's version counter; bump it as x.copy_ would.
-  if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
 at::Tensor acc_empty(const at::Tensor& x, int64_t n) {
