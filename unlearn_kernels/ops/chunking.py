@@ -8,6 +8,11 @@
    ``dH_c = G W``, ``dW += Gᵀ H_c`` (fp32 accumulator) and ``db += Σ_rows G``.
 
 At most one chunk of logits (plus one of reference logits for KL) is ever alive.
+
+3. Every loss forward is one of two sweeps over a :data:`RowEpilogue`:
+   :func:`sweep_row_losses` (``reduction='none'``: per-row losses and the statistics its
+   recompute-mode backward needs) or :func:`sweep_loss_and_grads` (``sum``/``mean``: the
+   reduced loss and its gradients in the same sweep).
 """
 
 from __future__ import annotations
@@ -189,3 +194,65 @@ def scale_saved_grads(
 def scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:
     """Per-row losses of the selected rows back to all ``n_total`` rows, 0 elsewhere."""
     return row_loss.new_zeros(n_total).index_copy_(0, index, row_loss)
+
+
+#: ``row_epilogue(start, end, logits, grad_scale)`` → ``(row_loss, *row_stats)``: a backend
+#: epilogue bound to the op's per-row inputs; with ``grad_scale`` (rows ``[start, end)`` of it)
+#: it also overwrites ``logits`` with the scaled gradient.
+RowEpilogue = Callable[[int, int, Tensor, Tensor | None], tuple[Tensor, ...]]
+
+
+def sweep_row_losses(
+    hidden_rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    selection: RowSelection,
+    n_total: int,
+    row_epilogue: RowEpilogue,
+    n_stats: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """``reduction='none'`` forward: ``[w_i ℓ_i]`` over all ``n_total`` rows (0 where not
+    selected) and the epilogue's ``n_stats`` fp64 per-row statistics (for the recompute)."""
+    n = hidden_rows.shape[0]
+    row_loss = torch.empty(n, dtype=accumulate_dtype(hidden_rows.dtype), device=hidden_rows.device)
+    stats = [torch.empty(n, dtype=torch.float64, device=hidden_rows.device) for _ in range(n_stats)]
+
+    def epilogue(start: int, end: int, logits: Tensor) -> None:
+        row_loss[start:end], *values = row_epilogue(start, end, logits, None)
+        for buffer, value in zip(stats, values, strict=True):
+            buffer[start:end] = value
+
+    sweep(hidden_rows, weight, bias, epilogue, GradTargets(), chunk_size)
+    if selection.weight is not None:
+        row_loss.mul_(selection.weight)
+    return scatter_rows(row_loss, selection.index, n_total), stats
+
+
+def sweep_loss_and_grads(
+    hidden_rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    selection: RowSelection,
+    reduction: str,
+    needs: tuple[bool, bool, bool],
+    n_total: int,
+    row_epilogue: RowEpilogue,
+    chunk_size: int | None,
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
+    """``sum``/``mean`` forward: the loss ``Σ_i s_i ℓ_i`` (:func:`reduction_scale`) and, in the
+    same sweep, the gradients of ``(hidden, weight, bias)`` that ``needs`` asks for."""
+    row_loss = torch.empty(
+        hidden_rows.shape[0], dtype=accumulate_dtype(hidden_rows.dtype), device=hidden_rows.device
+    )
+    scale = reduction_scale(selection, reduction, row_loss)
+    grads = allocate_grads(hidden_rows, weight, bias, needs)
+    grad_scale = scale if grads.any else None
+
+    def epilogue(start: int, end: int, logits: Tensor) -> None:
+        row_scale = None if grad_scale is None else grad_scale[start:end]
+        row_loss[start:end] = row_epilogue(start, end, logits, row_scale)[0]
+
+    sweep(hidden_rows, weight, bias, epilogue, grads, chunk_size)
+    loss = torch.dot(row_loss, scale)
+    return loss, finish_grads(grads, n_total, selection.index, weight, bias)

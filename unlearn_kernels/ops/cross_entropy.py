@@ -32,15 +32,14 @@ from unlearn_kernels._checks import (
 )
 from unlearn_kernels.backends import backend_name, get_backend
 from unlearn_kernels.ops.chunking import (
-    GradTargets,
     accumulate_dtype,
     allocate_grads,
     finish_grads,
-    reduction_scale,
     scale_saved_grads,
-    scatter_rows,
     select_rows,
     sweep,
+    sweep_loss_and_grads,
+    sweep_row_losses,
     upstream_scale,
 )
 
@@ -67,7 +66,6 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         selection = select_rows(labels, token_weight, ignore_index, acc_dtype)
         rows = hidden.index_select(0, selection.index)
         target = selection.target
-        row_loss = torch.empty(rows.shape[0], dtype=acc_dtype, device=hidden.device)
         ctx.reduction, ctx.softcap, ctx.chunk_size, ctx.backend = (
             reduction,
             softcap,
@@ -76,37 +74,23 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.n_total = hidden.shape[0]
 
+        def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
+            return epilogues.ce_forward(logits, target[start:end], grad_scale, softcap)
+
         if reduction == "none":
-            lse = torch.empty(rows.shape[0], dtype=torch.float64, device=hidden.device)
-
-            def forward_only(start: int, end: int, logits: Tensor) -> None:
-                row_loss[start:end], lse[start:end] = epilogues.ce_forward(
-                    logits, target[start:end], None, softcap
-                )
-
-            sweep(rows, weight, bias, forward_only, GradTargets(), chunk_size)
-            if selection.weight is not None:
-                row_loss.mul_(selection.weight)
+            loss, (lse,) = sweep_row_losses(
+                rows, weight, bias, selection, ctx.n_total, row_epilogue, 1, chunk_size
+            )
             ctx.save_for_backward(
                 rows, weight, bias, selection.index, target, selection.weight, lse
             )
-            return scatter_rows(row_loss, selection.index, ctx.n_total)
-
-        scale = reduction_scale(selection, reduction, row_loss)
-        grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
-        grad_scale = scale if grads.any else None
-
-        def forward_and_grad(start: int, end: int, logits: Tensor) -> None:
-            row_loss[start:end] = epilogues.ce_forward(
-                logits,
-                target[start:end],
-                None if grad_scale is None else grad_scale[start:end],
-                softcap,
-            )[0]
-
-        sweep(rows, weight, bias, forward_and_grad, grads, chunk_size)
-        ctx.save_for_backward(*finish_grads(grads, ctx.n_total, selection.index, weight, bias))
-        return torch.dot(row_loss, scale)
+            return loss
+        needs = ctx.needs_input_grad[:3]
+        loss, grads = sweep_loss_and_grads(
+            rows, weight, bias, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
+        )
+        ctx.save_for_backward(*grads)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

@@ -41,17 +41,16 @@ from unlearn_kernels._checks import (
 )
 from unlearn_kernels.backends import backend_name, get_backend
 from unlearn_kernels.ops.chunking import (
-    GradTargets,
     RowSelection,
     accumulate_dtype,
     allocate_grads,
     finish_grads,
     linear_into,
-    reduction_scale,
     scale_saved_grads,
-    scatter_rows,
     select_rows,
     sweep,
+    sweep_loss_and_grads,
+    sweep_row_losses,
     upstream_scale,
 )
 
@@ -99,12 +98,6 @@ class _ReferenceLogits:
         return out.copy_(self.ref_logits.index_select(0, self.index[start:end]))
 
 
-def _log_normalisers(like: Tensor) -> tuple[Tensor, Tensor]:
-    """Two fp64 buffers for the per-row log-normalisers the epilogues return."""
-    first = torch.empty(like.shape, dtype=torch.float64, device=like.device)
-    return first, torch.empty_like(first)
-
-
 class FusedLinearKLFunction(torch.autograd.Function):
     """Autograd function over flattened inputs: ``hidden [N, d]``; exactly one of
     ``ref_hidden [N, d]`` (with ``ref_weight``) and ``ref_logits [N, V]``."""
@@ -136,7 +129,6 @@ class FusedLinearKLFunction(torch.autograd.Function):
             ref_rows = ref_hidden.index_select(0, selection.index).to(hidden.dtype)
         reference = _ReferenceLogits(ref_rows, ref_weight, ref_logits, selection.index, rows)
         vocab = weight.shape[0]
-        row_loss = torch.empty(rows.shape[0], dtype=acc_dtype, device=hidden.device)
         ctx.reduction, ctx.temperature, ctx.chunk_size, ctx.backend = (
             reduction,
             temperature,
@@ -145,37 +137,24 @@ class FusedLinearKLFunction(torch.autograd.Function):
         )
         ctx.n_total, ctx.ref_logits = hidden.shape[0], ref_logits
 
+        def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
+            ref = reference(start, end, vocab)
+            return epilogues.kl_forward(logits, ref, grad_scale, temperature)
+
         if reduction == "none":
-            lse, lse_ref = _log_normalisers(row_loss)
-
-            def forward_only(start: int, end: int, logits: Tensor) -> None:
-                row_loss[start:end], lse[start:end], lse_ref[start:end] = epilogues.kl_forward(
-                    logits, reference(start, end, vocab), None, temperature
-                )
-
-            sweep(rows, weight, None, forward_only, GradTargets(), chunk_size)
-            if selection.weight is not None:
-                row_loss.mul_(selection.weight)
+            loss, (lse, lse_ref) = sweep_row_losses(
+                rows, weight, None, selection, ctx.n_total, row_epilogue, 2, chunk_size
+            )
             ctx.save_for_backward(
                 rows, weight, ref_rows, ref_weight, selection.index, selection.weight, lse, lse_ref
             )
-            return scatter_rows(row_loss, selection.index, ctx.n_total)
-
-        scale = reduction_scale(selection, reduction, row_loss)
-        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
-        grad_scale = scale if grads.any else None
-
-        def forward_and_grad(start: int, end: int, logits: Tensor) -> None:
-            row_loss[start:end] = epilogues.kl_forward(
-                logits,
-                reference(start, end, vocab),
-                None if grad_scale is None else grad_scale[start:end],
-                temperature,
-            )[0]
-
-        sweep(rows, weight, None, forward_and_grad, grads, chunk_size)
-        ctx.save_for_backward(*finish_grads(grads, ctx.n_total, selection.index, weight, None)[:2])
-        return torch.dot(row_loss, scale)
+            return loss
+        needs = (*ctx.needs_input_grad[:2], False)
+        loss, grads = sweep_loss_and_grads(
+            rows, weight, None, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
+        )
+        ctx.save_for_backward(*grads[:2])
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -233,7 +212,6 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
         index = topk_index.index_select(0, selection.index)
         logprob = topk_logprob.index_select(0, selection.index)
         tail = tail_logprob.index_select(0, selection.index)
-        row_loss = torch.empty(rows.shape[0], dtype=acc_dtype, device=hidden.device)
         ctx.reduction, ctx.temperature, ctx.chunk_size, ctx.backend = (
             reduction,
             temperature,
@@ -242,40 +220,24 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
         )
         ctx.n_total = hidden.shape[0]
 
+        def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
+            cache = (index[start:end], logprob[start:end], tail[start:end])
+            return epilogues.kl_topk_forward(logits, *cache, grad_scale, temperature)
+
         if reduction == "none":
-            lse, lse_tail = _log_normalisers(row_loss)
-
-            def forward_only(start: int, end: int, logits: Tensor) -> None:
-                out = epilogues.kl_topk_forward(
-                    logits, index[start:end], logprob[start:end], tail[start:end], None, temperature
-                )
-                row_loss[start:end], lse[start:end], lse_tail[start:end] = out
-
-            sweep(rows, weight, None, forward_only, GradTargets(), chunk_size)
-            if selection.weight is not None:
-                row_loss.mul_(selection.weight)
+            loss, (lse, lse_tail) = sweep_row_losses(
+                rows, weight, None, selection, ctx.n_total, row_epilogue, 2, chunk_size
+            )
             ctx.save_for_backward(
                 rows, weight, index, logprob, tail, selection.index, selection.weight, lse, lse_tail
             )
-            return scatter_rows(row_loss, selection.index, ctx.n_total)
-
-        scale = reduction_scale(selection, reduction, row_loss)
-        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
-        grad_scale = scale if grads.any else None
-
-        def forward_and_grad(start: int, end: int, logits: Tensor) -> None:
-            row_loss[start:end] = epilogues.kl_topk_forward(
-                logits,
-                index[start:end],
-                logprob[start:end],
-                tail[start:end],
-                None if grad_scale is None else grad_scale[start:end],
-                temperature,
-            )[0]
-
-        sweep(rows, weight, None, forward_and_grad, grads, chunk_size)
-        ctx.save_for_backward(*finish_grads(grads, ctx.n_total, selection.index, weight, None)[:2])
-        return torch.dot(row_loss, scale)
+            return loss
+        needs = (*ctx.needs_input_grad[:2], False)
+        loss, grads = sweep_loss_and_grads(
+            rows, weight, None, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
+        )
+        ctx.save_for_backward(*grads[:2])
+        return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
