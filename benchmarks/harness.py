@@ -18,24 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from unlearn_kernels._memory import peak_bytes, reset_peak
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
-def reset_peak() -> int:
-    """Reset ``VmHWM`` to the current resident size; return that size in bytes."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def peak_bytes() -> int:
-    return _status_kib("VmHWM") * 1024
 
 
 def time_calls(step: Callable[[], object], repeats: int) -> list[float]:

@@ -1,5 +1,10 @@
 """The ``unlearn-kernels`` command.
 
+``unlearn-kernels run --config FILE.yaml [--set key=value ...] [--resume]`` unlearns: it trains
+an adapter with one of :mod:`unlearn_kernels.methods` as the run config says (see
+:mod:`unlearn_kernels.train.config` and :mod:`unlearn_kernels.train.loop`);
+``unlearn-kernels run --print-config METHOD`` prints a complete, commented default config.
+
 ``unlearn-kernels cache --model DIR --data FILE --out DIR [options]`` runs the frozen
 reference model once over a data set and writes a reference cache (see
 :mod:`unlearn_kernels.train.reference_cache`). ``--data`` is a ``.jsonl`` file of
@@ -80,6 +85,29 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from unlearn_kernels.train.config import default_config_yaml, load_config
+    from unlearn_kernels.train.loop import run
+
+    if args.print_config is not None:
+        print(default_config_yaml(args.print_config), end="")
+        return 0
+    if args.config is None and not args.overrides:
+        raise ValueError("--config FILE.yaml is needed (or --print-config METHOD to write one)")
+    config = load_config(args.config, args.overrides)
+    summary = run(config, resume=args.resume, progress=not args.no_progress)
+    report = {
+        "output_dir": str(summary.output_dir),
+        "adapter": str(summary.adapter_dir),
+        "steps": summary.steps,
+        "seconds": round(summary.seconds, 3),
+        "peak_bytes": summary.peak_bytes,
+        "last": summary.metrics[-1] if summary.metrics else None,
+    }
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``unlearn-kernels`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="unlearn-kernels", description=__doc__.split("\n\n")[0])
@@ -114,6 +142,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.set_defaults(func=_cache)
+
+    from unlearn_kernels.methods import METHODS
+
+    run = commands.add_parser(
+        "run",
+        help="unlearn: train an adapter as a run config says",
+        description="Train an adapter that forgets the forget set (a YAML run config).",
+    )
+    run.add_argument("--config", help="YAML run config (see --print-config)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=2e-4 (repeatable)",
+    )
+    run.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+    )
+    run.add_argument(
+        "--print-config",
+        metavar="METHOD",
+        choices=sorted(METHODS),
+        help=f"print a commented default config for METHOD ({', '.join(sorted(METHODS))})",
+    )
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.set_defaults(func=_run)
     return parser
 
 

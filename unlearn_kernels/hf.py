@@ -239,6 +239,7 @@ def causal_lm_loss(
     attention_mask: Tensor | None = None,
     prompt_lengths: Tensor | Sequence[int] | None = None,
     *,
+    labels: Tensor | None = None,
     token_weight: Tensor | Sequence[float] | None = None,
     reduction: str = "mean",
     ignore_index: int = -100,
@@ -253,10 +254,13 @@ def causal_lm_loss(
     same as ``model(input_ids, labels=...)``'s loss when unweighted) or per row (``"none"``).
 
     Args:
+        labels: ``[B, T]`` shifted labels to use instead of deriving them from
+            ``prompt_lengths`` (row ``t`` predicts token ``t + 1``, ``ignore_index`` elsewhere).
         token_weight: ``[B]`` (per sequence, e.g. ``+1`` retain / ``−1`` forget) or ``[B, T]``.
         model_kwargs: passed to the decoder (e.g. ``position_ids``).
     """
-    labels = causal_lm_labels(input_ids, attention_mask, prompt_lengths, ignore_index)
+    if labels is None:
+        labels = causal_lm_labels(input_ids, attention_mask, prompt_lengths, ignore_index)
     weights = _expand_token_weight(token_weight, labels)
     head = output_head(model)
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)

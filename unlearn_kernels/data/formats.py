@@ -190,7 +190,13 @@ class TokenizedPairs:
 
 def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
     """``(prompt, response)`` pairs from a JSONL file in the format of the module docstring."""
-    pairs = []
+    return [(prompt, response) for _, prompt, response in read_jsonl_lines(path)]
+
+
+def read_jsonl_lines(path: str | Path) -> list[tuple[int, str, str]]:
+    """``(line number, prompt, response)`` of every non-blank line of a JSONL pairs file; a
+    malformed line is a ``ValueError`` naming the file and the line."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -205,8 +211,8 @@ def read_jsonl_pairs(path: str | Path) -> list[tuple[str, str]]:
                 raise ValueError(
                     f'{path}:{line_no}: expected an object with string "prompt" and "response"'
                 )
-            pairs.append((record["prompt"], record["response"]))
-    return pairs
+            records.append((line_no, record["prompt"], record["response"]))
+    return records
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -223,6 +229,7 @@ def tokenize_pairs(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     max_length: int | None = None,
+    names: Sequence[str] | None = None,
 ) -> TokenizedPairs:
     """Tokenise ``(prompt, response)`` pairs as ``[bos] + prompt + response + [eos]``.
 
@@ -230,19 +237,26 @@ def tokenize_pairs(
         pairs: ``(prompt, response)`` strings.
         tokenizer: a ``tokenizers.Tokenizer`` or a Hugging Face tokenizer.
         bos_token_id, eos_token_id: added when given (e.g. ``tokenizer.bos_token_id``).
-        max_length: sequences are cut to this many tokens from the end of the response; an
-            example whose prompt leaves no response token is a ``ValueError``.
+        max_length: sequences are cut to this many tokens from the end of the response.
+        names: how errors name each pair (e.g. ``"forget.jsonl:7"``; default ``pairs[i]``).
+
+    A response that tokenises to nothing, or that ``max_length`` cuts away entirely, is a
+    ``ValueError`` naming the pair.
     """
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
     sequences, prompt_lengths = [], []
     for index, (prompt, response) in enumerate(pairs):
+        name = f"pairs[{index}]" if names is None else names[index]
         head = ([bos_token_id] if bos_token_id is not None else []) + _encode(tokenizer, prompt)
-        tail = _encode(tokenizer, response) + ([eos_token_id] if eos_token_id is not None else [])
+        response_ids = _encode(tokenizer, response)
+        if not response_ids:
+            raise ValueError(f"{name}: the response {response!r} tokenises to no token")
+        tail = response_ids + ([eos_token_id] if eos_token_id is not None else [])
         ids = (head + tail)[:max_length]
         if len(ids) <= len(head):
             raise ValueError(
-                f"pairs[{index}] has no response token left (prompt {len(head)} tokens, "
+                f"{name} has no response token left (prompt {len(head)} tokens, "
                 f"response {len(tail)}, max_length={max_length})"
             )
         sequences.append(ids)

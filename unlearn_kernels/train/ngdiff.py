@@ -268,7 +268,8 @@ class NGDiffStep:
     as the backward passes, deterministically (eval mode or no dropout). Under
     ``torch.distributed`` the probe losses are averaged over the process group so that every
     rank applies the same learning rate. GeN sets the optimizer's learning rates itself: do not
-    combine it with another learning-rate scheduler.
+    combine it with another learning-rate scheduler. ``max_grad_norm`` clips the combined
+    direction before the optimizer step.
     """
 
     def __init__(
@@ -279,12 +280,14 @@ class NGDiffStep:
         gen: GeN | None = None,
         eps: float = 1e-12,
         forget_sign: float = -1.0,
+        max_grad_norm: float | None = None,
         backend: str | None = None,
     ) -> None:
         self.grads = grads
         self.optimizer = optimizer
         self.gen = gen
         self.eps = eps
+        self.max_grad_norm = max_grad_norm
         self.forget_sign = forget_sign
         self.backend = backend
         self.steps = 0
@@ -320,6 +323,8 @@ class NGDiffStep:
         if stepped:
             params = self.grads.params
             start = [p.detach().clone() for p in params] if due else []
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
             self.optimizer.step()
             if due:
                 loss_fn = probe_loss or self._default_probe(norms, forget_loss, retain_loss)

@@ -1,0 +1,32 @@
+"""Peak memory of this process: resident set on CPU (``VmHWM``), the allocator on CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def reset_peak(device: torch.device | str = "cpu") -> int:
+    """Reset the peak to the current usage; return that usage in bytes."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_bytes(device: torch.device | str = "cpu") -> int:
+    """The highest usage since the last :func:`reset_peak` (process start on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_kib("VmHWM") * 1024
