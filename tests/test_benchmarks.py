@@ -24,3 +24,19 @@ def test_kl_page(tmp_path):
     fused, unfused = results["kl_fused"]["value"], results["kl_unfused"]["value"]
     assert abs(fused - unfused) <= 1e-5 * abs(unfused)
     assert "exact KL / its 3 products" in out.read_text()
+
+
+def test_methods_page(tmp_path):
+    from benchmarks import bench_methods
+
+    out = tmp_path / "methods.md"
+    tiny = ["--vocab", "300", "--d", "32", "--seq", "20", "--prompt", "8", "--batch", "2"]
+    assert bench_methods.main([*tiny, "--rounds", "1", "--configs", "yao", "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())["results"]
+    first = results["yao/time"]["first_step"]
+    for term in ("forget_nll", "mismatch_nll", "retain_kl"):
+        assert (
+            abs(first["fused"][term] - first["unfused"][term])
+            <= 1e-5 * abs(first["unfused"][term]) + 1e-7
+        )
+    assert "| yao |" in out.read_text()

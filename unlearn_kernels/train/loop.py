@@ -103,7 +103,7 @@ def run(
     out = Path(config.output_dir)
     fresh = _prepare_output_dir(out, config, resume)
     try:
-        return _Run(config, out, progress, on_eval).execute(resume)
+        return UnlearningRun(config, out, progress, on_eval).execute(resume)
     except BaseException as err:
         kept = list_checkpoints(out)
         if kept:
@@ -168,8 +168,11 @@ def _truncate_metrics(out: Path, step: int) -> None:
         write_text_atomically(path, "".join(f"{ln}\n" for ln in lines))
 
 
-class _Run:
-    """The state of one run, from the loaded sets to the final adapter."""
+class UnlearningRun:
+    """The state of one run, from the loaded sets to the final adapter: :meth:`execute` is
+    :func:`run` after its output directory checks; :meth:`build` (sets, model, caches, adapter,
+    optimizer) and :meth:`step` (one optimizer step, returning its logged values) also serve
+    callers that drive the steps themselves (the benchmarks)."""
 
     def __init__(
         self, config: RunConfig, out: Path, progress: bool, on_eval: EvalHook | None
@@ -245,7 +248,8 @@ class _Run:
         )
         return ReferenceCache(path, model=None, **checks)
 
-    def _build(self) -> None:
+    def build(self) -> None:
+        """Load everything a step needs (writes only the reference caches)."""
         config = self.config
         self._load_sets()
         model = load_base_model(config, self.device)
@@ -331,6 +335,7 @@ class _Run:
             )
 
     def step(self, step: int) -> dict[str, Any]:
+        """Optimizer step ``step`` (0-based) on its micro-batches; returns the logged values."""
         batches = self.micro_batches(step)
         totals = StepTotals.of(batches)
         logs: dict[str, Any] = defaultdict(float)
@@ -410,7 +415,7 @@ class _Run:
         return state["step"]
 
     def execute(self, resume: bool) -> RunSummary:
-        self._build()
+        self.build()
         train = self.config.train
         start = self._restore() if resume else 0
         history: list[dict[str, Any]] = []
