@@ -341,3 +341,56 @@ def test_qlora_nf4_gets_lora_gradients_and_forgets(world, tmp_path):
     assert all(m["grad_norm"] > 0 and m["grad_norm"] < float("inf") for m in metrics)
     assert metrics[-1]["forget_nll"] > metrics[0]["forget_nll"]
     assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "run").values())
+
+
+def test_ngdiff_probes_run_without_dropout_and_leave_train_mode(world, tmp_path):
+    from unlearn_kernels.data.unlearn import StepTotals
+    from unlearn_kernels.train.loop import UnlearningRun
+
+    out = tmp_path / "run"
+    config = config_for(world, "ngdiff", out, adapter={"dropout": 0.5})
+    state = UnlearningRun(config, out, False, None)
+    state.build()
+    with torch.no_grad():  # LoRA B starts at 0, which would hide dropout on the LoRA branch
+        for name, p in state.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    batches = state.micro_batches(0)
+    totals = StepTotals.of(batches)
+    probes = [state._task_loss("forget", batches, totals) for _ in range(3)]
+    assert probes[0] == probes[1] == probes[2]  # dropout 0.5 would make them differ
+    assert state.model.training
+    with torch.no_grad():
+        noisy = [
+            float(
+                sum(
+                    t.loss
+                    for b in batches
+                    for t in state.method.terms(state.model, "forget", b, totals)
+                )
+            )
+            for _ in range(2)
+        ]
+    assert noisy[0] != noisy[1]  # in train mode the same loss is random: dropout is on
+    state.model.eval()
+    with torch.no_grad():
+        clean = sum(
+            float(t.loss)
+            for b in batches
+            for t in state.method.terms(state.model, "forget", b, totals)
+        )
+    assert clean == pytest.approx(probes[0], rel=1e-6)
+
+
+def test_bf16_run_and_merged_adapter(world, tmp_path):
+    out = tmp_path / "run"
+    config = config_for(
+        world, "graddiff", out, train={"dtype": "bfloat16", "steps": 2}, adapter={"merge": True}
+    )
+    metrics = run(config, progress=False).metrics
+    assert all(m["forget_nll"] == m["forget_nll"] for m in metrics)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", local_files_only=True)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    assert merged.dtype == torch.bfloat16
