@@ -75,13 +75,18 @@ def save_checkpoint(
     return path
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory was written after."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def list_checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = output_dir / CHECKPOINTS
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(

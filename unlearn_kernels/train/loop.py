@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -48,7 +49,12 @@ from unlearn_kernels.data.unlearn import (
 from unlearn_kernels.hf import frozen_forward, output_head
 from unlearn_kernels.methods import LogitLosses, Method, ResponseLosses, get_method
 from unlearn_kernels.methods.base import OBJECTIVE, Needs
-from unlearn_kernels.train.checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from unlearn_kernels.train.checkpoints import (
+    checkpoint_step,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from unlearn_kernels.train.config import RunConfig, check_paths, config_yaml, validate_config
 from unlearn_kernels.train.model import (
     attach_adapter,
@@ -107,7 +113,7 @@ def run(
     except BaseException as err:
         kept = list_checkpoints(out)
         if kept:
-            step = int(kept[-1].name.split("-")[1])
+            step = checkpoint_step(kept[-1])
             _truncate_metrics(out, step)
             err.add_note(
                 f"output_dir {str(out)!r} keeps its last good checkpoint (step {step}); "
@@ -127,8 +133,6 @@ def _prepare_output_dir(out: Path, config: RunConfig, resume: bool) -> bool:
     if resume:
         if not saved.is_file():
             raise ValueError(f"output_dir {str(out)!r} holds no run to resume ({CONFIG_FILE})")
-        import yaml
-
         before = validate_config(yaml.safe_load(saved.read_text(encoding="utf-8")))
         changed = _changed_keys(before.model_dump(), config.model_dump())
         if changed:
@@ -161,11 +165,19 @@ def _changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> lis
 
 
 def _truncate_metrics(out: Path, step: int) -> None:
-    """Keep the metrics of steps ``<= step`` (what the checkpoint at ``step`` has seen)."""
+    """Keep the metrics of steps ``<= step`` (what the checkpoint at ``step`` has seen); a line
+    torn by a killed process is dropped."""
     path = out / METRICS_FILE
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        write_text_atomically(path, "".join(f"{ln}\n" for ln in lines))
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    write_text_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
 class UnlearningRun:
