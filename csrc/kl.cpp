@@ -18,6 +18,8 @@
 //
 // Zero probabilities: p = 0 contributes 0 (a blend, so 0·inf never makes NaN), p_t = 0 drops
 // the tail term and its gradient, and an empty tail (k = V) has lse_t = −inf.
+// Undefined references (the torch backend's rule): a row whose lse_r is not finite (exact) or
+// whose P is not finite (top-k) gets a NaN loss and an all-NaN gradient row.
 // Exponentials are only taken of shifted values: z − m, or z − lse with the fp64 lse split into
 // fp32 hi + lo (z − hi is exact near the maximum, so |logits| ~ 1e4 keep full precision).
 //
@@ -28,6 +30,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -291,6 +294,14 @@ void row_grad(T* x, const T* xr, int64_t V, Acc<T> inv_tau, Acc<T> c1, const Shi
   }
 }
 
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// The gradient row of an undefined reference: all NaN.
+template <typename T>
+void fill_nan(T* row, int64_t V) {
+  std::fill(row, row + V, static_cast<T>(kNaN));
+}
+
 // p · d, 0 when p = 0 (log p = −inf) whatever d is.
 inline double p_times(double log_p, double d) {
   const double p = std::exp(log_p);
@@ -310,6 +321,11 @@ void kl_forward_impl(T* x, const T* xr, int64_t n, int64_t V, const double* grad
       const T* ref = xr + i * V;
       double mean_d;
       row_kl_stats(row, ref, V, inv_tau, lse[i], lse_ref[i], mean_d);
+      if (!std::isfinite(lse_ref[i])) {
+        kl[i] = static_cast<A>(kNaN);
+        if (grad_scale != nullptr) fill_nan(row, V);
+        continue;
+      }
       kl[i] = static_cast<A>(mean_d - (lse_ref[i] - lse[i]));
       if (grad_scale != nullptr) {
         const A c = static_cast<A>(grad_scale[i] / temperature);
@@ -326,6 +342,10 @@ void kl_backward_impl(T* x, const T* xr, int64_t n, int64_t V, const double* lse
   const A inv_tau = static_cast<A>(1.0 / temperature);
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
+      if (!std::isfinite(lse_ref[i])) {
+        fill_nan(x + i * V, V);
+        continue;
+      }
       const A c = static_cast<A>(grad_scale[i] / temperature);
       row_grad<T, true>(x + i * V, xr + i * V, V, inv_tau, c, Shift<A>(lse[i]), c,
                         Shift<A>(lse_ref[i]));
@@ -365,6 +385,10 @@ void topk_row_grad(T* row, int64_t V, const TopkRow& t, const double* zk, double
                    double lse_tail, double coef, Acc<T> inv_tau) {
   using A = Acc<T>;
   const double P = t.total();
+  if (!std::isfinite(P)) {
+    fill_nan(row, V);
+    return;
+  }
   // p_t e^{z − lse_t} = e^{z − (lse_t − log p_t)}; p_t = 0 or an empty student tail gives the
   // shift +inf, i.e. no tail term.
   const double tail_shift = t.tail == -kInf || lse_tail == -kInf ? kInf : lse_tail - t.tail;
@@ -411,7 +435,7 @@ void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
       const double l = hi + std::log1p(std::exp(std::min(lk, lt) - hi));
       double loss = p_times(t.tail, t.tail - (lt - l));
       for (int64_t j = 0; j < k; ++j) loss += p_times(t.logprob[j], t.logprob[j] - (zk[j] - l));
-      kl[i] = static_cast<A>(loss);
+      kl[i] = static_cast<A>(std::isfinite(t.total()) ? loss : kNaN);
       lse[i] = l;
       lse_tail[i] = lt;
       if (grad_scale != nullptr) {

@@ -336,6 +336,17 @@ class TestBadInput:
             ({"softcap": -1.0}, "softcap"),
             ({"backend": "cuda"}, "backend"),
             ({"weight": torch.randn(10, 4, device="meta")}, "weight"),
+            ({"labels": torch.randint(0, 10, (8,), dtype=torch.uint8)}, "ignore_index"),
+            (
+                {"labels": torch.randint(0, 10, (8,), dtype=torch.int8), "ignore_index": 200},
+                "ignore_index",
+            ),
+            ({"ignore_index": 1.5}, "ignore_index"),
+            ({"softcap": "3"}, "softcap"),
+            ({"softcap": True}, "softcap"),
+            ({"chunk_size": True}, "chunk_size"),
+            ({"reduction": None}, "reduction"),
+            ({"backend": ""}, "backend"),
         ],
     )
     def test_value_error_names_argument(self, override, word):
@@ -352,10 +363,56 @@ class TestBadInput:
             self.call(**{name: bad})
         assert torch.isfinite(self.call())
 
+    def test_shared_failures_name_hidden(self):
+        meta = {k: v.to("meta") for k, v in self.inputs.items() if v is not None}
+        with pytest.raises(ValueError, match="hidden is on the meta device"):
+            uk.fused_linear_cross_entropy(meta["hidden"], meta["weight"], meta["labels"])
+        with pytest.raises(ValueError, match="hidden must have d >= 1"):
+            uk.fused_linear_cross_entropy(
+                torch.randn(8, 0), torch.randn(10, 0), self.inputs["labels"]
+            )
+        double = self.inputs["hidden"].detach().double()
+        with pytest.raises(ValueError, match="hidden is float64, which backend='triton'"):
+            uk.fused_linear_cross_entropy(
+                double, double.new_ones(10, 4), self.inputs["labels"], backend="triton"
+            )
+
     def test_ignore_index_is_allowed(self):
         labels = self.inputs["labels"].clone()
         labels[0] = -100
         assert torch.isfinite(self.call(labels=labels))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32])
+def test_narrow_label_dtypes_compare_in_int64(backend, dtype):
+    """uint8 label 156 is a real token, not a wrapped −100: with an ignore_index the dtype
+    holds, narrow labels give the int64 result, on every backend and in the KL ops' row
+    selection too."""
+    gen, seed = generator()
+    vocab = 200 if dtype != torch.int8 else 120
+    inputs = make_inputs(9, 5, vocab, gen=gen)
+    wide = torch.tensor([156, 3, 7, 100, 0, 99, 119, 1, 2]) % vocab
+    ignore = 99
+    wide[5] = ignore
+    inputs["labels"] = wide
+    want = run_fused(inputs, reduction="sum", ignore_index=ignore, backend=backend)
+    inputs["labels"] = wide.to(dtype)
+    got = run_fused(inputs, reduction="sum", ignore_index=ignore, backend=backend)
+    assert rel_err(got[0], want[0]) < 1e-6, seed
+    for g, w in zip(got[1], want[1], strict=True):
+        assert rel_err(g, w) < 1e-6, seed
+    assert float(got[1][0][0].abs().sum()) > 0  # row 0 (label 156 in uint8) carries a loss
+    ref_hidden = torch.randn(9, 5, generator=gen)
+    h, w = inputs["hidden"], inputs["weight"]
+    kl = [
+        uk.fused_linear_kl(h, w, ref_hidden, labels=labels, ignore_index=ignore, backend=backend)
+        for labels in (wide, wide.to(dtype))
+    ]
+    assert rel_err(kl[1], kl[0]) < 1e-6, seed
+    if dtype == torch.uint8:  # the default −100 is no uint8 value: refused, not wrapped to 156
+        with pytest.raises(ValueError, match=r"ignore_index=-100 is no torch\.uint8 value"):
+            uk.fused_linear_cross_entropy(h, w, wide.to(dtype), backend=backend)
 
 
 def test_backend_override_by_environment(monkeypatch):

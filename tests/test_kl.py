@@ -500,6 +500,148 @@ def test_backends_agree_at_epilogue_level():
             assert rel_err(got_x, want_x) < 1e-5, (param.values[0], spec.__name__, seed)
 
 
+def undefined_references(gen: torch.Generator, n: int, vocab: int, k: int):
+    """Reference logits and a top-k cache with rows that are no distribution: rows 1-3 of the
+    logits hold a NaN, are all −inf, hold a +inf; rows 1-3 of the cache hold a NaN log-prob, a
+    +inf tail, a +inf log-prob. Row 4 has legitimate −inf (zero-probability) entries."""
+    ref_logits = torch.randn(n, vocab, generator=gen) * 2
+    ref_logits[1, 3] = float("nan")
+    ref_logits[2] = NEG_INF
+    ref_logits[3, 0] = float("inf")
+    ref_logits[4, :5] = NEG_INF
+    index, logprob, tail = make_topk(ref_logits.nan_to_num(0.0, 0.0, 0.0), k, 1.0, gen)
+    logprob[1, 2] = float("nan")
+    tail[2] = float("inf")
+    logprob[3, 0] = float("inf")
+    logprob[4, 1:] = NEG_INF
+    return ref_logits, (index, logprob, tail)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_undefined_reference_rows_are_nan_on_every_backend(reduction):
+    """A reference row that is no distribution gives that row a NaN loss and an all-NaN
+    gradient row, identically on every backend; the other rows are unaffected."""
+    gen, seed = generator()
+    inputs = make_inputs(9, 7, 61, gen=gen, ignore_fraction=0.0)
+    inputs["token_weight"] = None
+    ref_logits, topk = undefined_references(gen, 9, 61, 6)
+    undefined = torch.tensor([False, True, True, True, False, False, False, False, False])
+    results = {}
+    for param in BACKENDS:
+        if param.marks and param.marks[0].name == "skip":
+            continue
+        backend = param.values[0]
+        upstream = torch.ones(9) if reduction == "none" else None
+        results[backend] = [
+            run(uk.fused_linear_kl, inputs, upstream, ref_logits=ref_logits, **options)
+            for options in [{"reduction": reduction, "backend": backend, "chunk_size": 4}]
+        ] + [
+            run(
+                uk.fused_linear_kl_topk,
+                inputs,
+                upstream,
+                *topk,
+                reduction=reduction,
+                backend=backend,
+                chunk_size=4,
+            )
+        ]
+    for backend, per_op in results.items():
+        for loss, (grad_hidden, grad_weight) in per_op:
+            if reduction == "none":
+                assert torch.equal(torch.isnan(loss), undefined), (backend, seed)
+            else:
+                assert torch.isnan(loss), (backend, seed)
+            assert torch.equal(torch.isnan(grad_hidden).all(1), undefined), (backend, seed)
+            assert torch.isfinite(grad_hidden[~undefined]).all(), (backend, seed)
+            assert torch.isnan(grad_weight).all(), (backend, seed)
+    reference = results["torch"]
+    for backend, per_op in results.items():
+        for (loss, grads), (want_loss, want_grads) in zip(per_op, reference, strict=True):
+            if reduction == "none":
+                assert rel_err(loss[~undefined], want_loss[~undefined]) < 1e-5, (backend, seed)
+            assert rel_err(grads[0][~undefined], want_grads[0][~undefined]) < 1e-5, seed
+
+
+def test_undefined_reference_is_a_value_error_when_checking(monkeypatch):
+    gen, _ = generator()
+    inputs = make_inputs(9, 7, 61, gen=gen, ignore_fraction=0.0)
+    ref_logits, (index, logprob, tail) = undefined_references(gen, 9, 61, 6)
+    monkeypatch.setenv("UNLEARN_KERNELS_CHECK_FINITE", "1")
+    hidden, weight = inputs["hidden"], inputs["weight"]
+
+    def exact(logits, labels=None):
+        return uk.fused_linear_kl(hidden, weight, ref_logits=logits, labels=labels)
+
+    def topk(lp, lt, labels=None):
+        return uk.fused_linear_kl_topk(hidden, weight, index, lp, lt, labels=labels)
+
+    only = lambda row: torch.where(torch.arange(9) == row, 0, -100)  # noqa: E731
+    with pytest.raises(ValueError, match="ref_logits holds 1 NaN or"):
+        exact(ref_logits, only(1))
+    with pytest.raises(ValueError, match="ref_logits row 2 is −inf everywhere"):
+        exact(ref_logits, only(2))
+    with pytest.raises(ValueError, match="ref_logits holds 1 NaN or"):
+        exact(ref_logits, only(3))
+    assert torch.isfinite(exact(ref_logits, only(4)))  # −inf entries are zero probabilities
+    with pytest.raises(ValueError, match="ref_topk_logprob holds 1 NaN"):
+        topk(logprob, tail, only(1))
+    with pytest.raises(ValueError, match="ref_tail_logprob holds 1 NaN"):
+        topk(logprob, tail, only(2))
+    with pytest.raises(ValueError, match="ref_topk_logprob holds 1 NaN"):
+        topk(logprob, tail, only(3))
+    assert torch.isfinite(topk(logprob, tail, only(4)))
+    assert torch.isfinite(exact(ref_logits, only(0)))  # skipped rows are not read
+    with pytest.raises(ValueError, match="ref_hidden holds 1 non-finite"):
+        ref_hidden = inputs["ref_hidden"].clone()
+        ref_hidden[0, 0] = float("nan")
+        uk.fused_linear_kl(hidden, weight, ref_hidden)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_topk_from_padded_cache_layout(backend, reduction):
+    """``[B, T, k]`` tensors zero-padded on ignored rows (as ``ReferenceBatch.to_padded``
+    returns them: index 0 repeated, out-of-vocabulary too) go in as they are: skipped rows are
+    not validated, and the result is that of the packed rows."""
+    gen, seed = generator()
+    inputs = make_inputs(2 * 17, 19, 301, gen=gen)
+    index, logprob, tail = make_topk(ref_logits_of(inputs), 12, 1.0, gen)
+    skipped = (inputs["labels"] == -100) | (inputs["token_weight"] == 0)
+    index[skipped], logprob[skipped], tail[skipped] = 0, 0.0, 0.0
+    index[skipped.nonzero()[:1, 0]] = 10**6  # never read
+    upstream = upstream_for(inputs, reduction)
+    got = run(
+        uk.fused_linear_kl_topk,
+        inputs,
+        upstream,
+        index,
+        logprob,
+        tail,
+        reduction=reduction,
+        backend=backend,
+    )
+    per_token = topk_per_token(index.clamp(0, 300), logprob, tail, 1.0)
+    assert_matches(got, oracle(inputs, per_token, reduction, upstream), 1e-5, seed)
+    padded = {
+        key: inputs[key].detach().reshape(2, 17, *inputs[key].shape[1:])
+        for key in ("hidden", "labels", "token_weight")
+    }
+    padded["hidden"].requires_grad_()
+    loss = uk.fused_linear_kl_topk(
+        padded["hidden"],
+        inputs["weight"],
+        index.reshape(2, 17, 12),
+        logprob.reshape(2, 17, 12),
+        tail.reshape(2, 17),
+        labels=padded["labels"],
+        token_weight=padded["token_weight"],
+        reduction=reduction,
+        backend=backend,
+    )
+    assert rel_err(loss.reshape(got[0].shape), got[0]) < 1e-6, seed
+
+
 class TestBadInput:
     def setup_method(self):
         gen, _ = generator()
@@ -537,6 +679,13 @@ class TestBadInput:
             ({"reduction": "batchmean"}, "reduction"),
             ({"chunk_size": -1}, "chunk_size"),
             ({"backend": "gpu"}, "backend"),
+            ({"ref_hidden": None, "ref_logits": torch.randn(8, 10, device="meta")}, "ref_logits"),
+            ({"ref_hidden": torch.randn(8, 4, device="meta")}, "ref_hidden"),
+            ({"labels": torch.randint(0, 10, (8,), dtype=torch.uint8)}, "ignore_index"),
+            ({"temperature": "1"}, "temperature"),
+            ({"temperature": True}, "temperature"),
+            ({"chunk_size": True}, "chunk_size"),
+            ({"backend": ""}, "backend"),
         ],
     )
     def test_exact_value_error_names_argument(self, override, word):
@@ -565,3 +714,26 @@ class TestBadInput:
     def test_topk_value_error_names_argument(self, override, word):
         with pytest.raises(ValueError, match=word):
             self.topk(**override)
+
+    def test_shared_failures_name_hidden(self):
+        meta = {k: v.to("meta") for k, v in self.inputs.items()}
+        for fn, args in (
+            (uk.fused_linear_kl, (meta["ref_hidden"],)),
+            (uk.fused_linear_kl_topk, tuple(t.to("meta") for t in self.cache)),
+        ):
+            with pytest.raises(ValueError, match="hidden is on the meta device"):
+                fn(meta["hidden"], meta["weight"], *args, labels=meta["labels"])
+        empty = torch.randn(8, 0)
+        with pytest.raises(ValueError, match="hidden must have d >= 1"):
+            uk.fused_linear_kl(empty, torch.randn(10, 0), empty)
+        with pytest.raises(ValueError, match="hidden must have d >= 1"):
+            uk.fused_linear_kl_topk(empty, torch.randn(10, 0), *self.cache)
+        double = {k: v.detach().double() for k, v in self.inputs.items() if k != "labels"}
+        with pytest.raises(ValueError, match="hidden is float64, which backend='triton'"):
+            uk.fused_linear_kl(
+                double["hidden"], double["weight"], double["ref_hidden"], backend="triton"
+            )
+        with pytest.raises(ValueError, match="hidden is float64, which backend='triton'"):
+            uk.fused_linear_kl_topk(
+                double["hidden"], double["weight"], *self.cache, backend="triton"
+            )

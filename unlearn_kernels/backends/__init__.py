@@ -49,7 +49,7 @@ def triton_interpreted() -> bool:
 
 def backend_name(backend: str | None, device: torch.device) -> str:
     """The backend that will run for tensors on ``device``; raises ``ValueError`` if unusable."""
-    name = backend or os.environ.get("UNLEARN_KERNELS_BACKEND") or None
+    name = backend if backend is not None else os.environ.get("UNLEARN_KERNELS_BACKEND") or None
     if name is None:
         if device.type == "cuda":
             return "triton"

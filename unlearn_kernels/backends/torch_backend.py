@@ -73,6 +73,11 @@ def ce_backward(
 # or p underflowing to 0) contributes 0 to the loss and q/τ·s to the gradient, whatever q is;
 # p > 0 against q = 0 gives +inf. The same holds for the top-k tail: p_t = 0 (log p_t = −inf)
 # contributes 0, and an empty student tail (q_t = 0, e.g. k = V) with p_t > 0 gives +inf.
+#
+# Undefined reference rule, shared by every backend: a reference row that is no distribution
+# gets a NaN loss and an all-NaN gradient row. Exact: its log-normaliser lse_ref is not finite
+# (a NaN or +inf logit, or every logit −inf). Top-k: its mass P = Σ_K p_k + p_t (in fp64) is
+# not finite (a NaN or +inf in log p_k or log p_t).
 
 
 def _accumulated(x: Tensor, temperature: float) -> Tensor:
@@ -107,6 +112,12 @@ def _kl_grad(log_q: Tensor, log_p: Tensor, coef: Tensor) -> Tensor:
     return (torch.exp(log_q) - torch.exp(log_p)).mul_(coef[:, None])
 
 
+def _undefined_to_nan(values: Tensor, undefined: Tensor) -> Tensor:
+    """``values`` (per row ``[n]`` or ``[n, V]``) with the undefined reference rows set to NaN."""
+    mask = undefined if values.dim() == 1 else undefined[:, None]
+    return values.masked_fill(mask, float("nan"))
+
+
 def kl_forward(
     x: Tensor, x_ref: Tensor, grad_scale: Tensor | None, temperature: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,9 +134,10 @@ def kl_forward(
     # log p − log q as (z_ref − z) − (lse_ref − lse): both small when p ≈ q.
     gap = (lse_ref - lse).to(z.dtype)
     kl = _p_times(log_p, (z_ref - z) - gap[:, None]).sum(1)
+    undefined = ~torch.isfinite(lse_ref)
     if grad_scale is not None:
-        x.copy_(_kl_grad(log_q, log_p, grad_scale / temperature))
-    return kl, lse, lse_ref
+        x.copy_(_undefined_to_nan(_kl_grad(log_q, log_p, grad_scale / temperature), undefined))
+    return _undefined_to_nan(kl, undefined), lse, lse_ref
 
 
 def kl_backward(
@@ -134,7 +146,8 @@ def kl_backward(
     """Recompute-mode backward: overwrite ``x`` with ``s_i (q_i − p_i) / τ`` from the saved
     fp64 log-normalisers."""
     z, z_ref = _accumulated(x, temperature), _accumulated(x_ref, temperature)
-    x.copy_(_kl_grad(_shifted(z, lse), _shifted(z_ref, lse_ref), grad_scale / temperature))
+    grad = _kl_grad(_shifted(z, lse), _shifted(z_ref, lse_ref), grad_scale / temperature)
+    x.copy_(_undefined_to_nan(grad, ~torch.isfinite(lse_ref)))
 
 
 def _topk_grad(
@@ -147,9 +160,11 @@ def _topk_grad(
     coef: Tensor,
 ) -> Tensor:
     """``coef_i ∂KL̃_i/∂z_i``: ``P q_v − p_v`` on the top-k, ``P q_v − p_t q_v / q_t`` off it,
-    where ``P = Σ_K p_k + p_t`` (1 for a consistent cache) and ``q_v / q_t = exp(z_v − lse_t)``.
+    where ``P = Σ_K p_k + p_t`` (1 for a consistent cache) and ``q_v / q_t = exp(z_v − lse_t)``;
+    NaN on rows whose ``P`` is not finite.
     """
-    total = torch.exp(logprob).sum(1) + torch.exp(tail_logprob)
+    mass = _reference_mass(logprob, tail_logprob)
+    total = mass.to(z.dtype)
     # p_t q_v / q_t = exp(z_v − (lse_t − log p_t)); no tail term when p_t = 0 or the student's
     # tail is empty (lse_t = −inf).
     tail_lt = tail_logprob.double()
@@ -158,7 +173,13 @@ def _topk_grad(
     log_q = _shifted(z, lse)
     grad = total[:, None] * torch.exp(log_q) - torch.exp(_shifted(z, tail_shift))
     on_k = total[:, None] * torch.exp(log_q.gather(1, index)) - torch.exp(logprob)
-    return grad.scatter_(1, index, on_k).mul_(coef[:, None])
+    grad = grad.scatter_(1, index, on_k).mul_(coef[:, None])
+    return _undefined_to_nan(grad, ~torch.isfinite(mass))
+
+
+def _reference_mass(logprob: Tensor, tail_logprob: Tensor) -> Tensor:
+    """``P = Σ_K p_k + p_t`` per row, in fp64."""
+    return torch.exp(logprob.double()).sum(1) + torch.exp(tail_logprob.double())
 
 
 def kl_topk_forward(
@@ -187,6 +208,7 @@ def kl_topk_forward(
     lp64, lt64 = lp.double(), lt.double()
     kl = _p_times(lp64, lp64 - (z.gather(1, index).double() - lse[:, None])).sum(1)
     kl = (kl + _p_times(lt64, lt64 - (lse_tail - lse))).to(z.dtype)
+    kl = _undefined_to_nan(kl, ~torch.isfinite(_reference_mass(lp64, lt64)))
     if grad_scale is not None:
         x.copy_(_topk_grad(z, index, lp, lt, lse, lse_tail, grad_scale / temperature))
     return kl, lse, lse_tail

@@ -52,6 +52,13 @@ def _split(value):
 
 
 @device_function
+def _undefined(value):
+    """Rows whose reference value (``lse_ref``, or the top-k mass ``P``) is not finite: no
+    distribution, so a NaN loss and a NaN gradient row (the torch backend's rule)."""
+    return ~(tl.abs(value) < float("inf"))
+
+
+@device_function
 def _online(m, s, z):
     """Fold a ``[BLOCK_N, BLOCK_V]`` tile ``z`` into running ``(max, Σ e^{z − max})``; returns
     the new pair and the tile's ``e^{z − max}`` and the rescale factor of the old sum."""
@@ -107,10 +114,12 @@ def _kl_fwd_kernel(
     m_r = tl.where(row_ok, m_r, 0.0)
     log_s = tl.log(s)
     log_r = tl.log(r)
-    kl = a / r - (m_r - m) - tl.log(r / s)
+    lse_ref = m_r.to(tl.float64) + log_r.to(tl.float64)
+    undefined = _undefined(lse_ref)
+    kl = tl.where(undefined, float("nan"), a / r - (m_r - m) - tl.log(r / s))
     tl.store(kl_ptr + rows, kl, mask=row_ok)
     tl.store(lse_ptr + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
-    tl.store(lse_ref_ptr + rows, m_r.to(tl.float64) + log_r.to(tl.float64), mask=row_ok)
+    tl.store(lse_ref_ptr + rows, lse_ref, mask=row_ok)
     if HAS_GRAD:
         coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
         for start in range(0, V, BLOCK_V):
@@ -122,7 +131,8 @@ def _kl_fwd_kernel(
             zr = xr.to(tl.float32) * inv_tau
             q = tl.exp((z - m[:, None]) - log_s[:, None])
             p = tl.exp((zr - m_r[:, None]) - log_r[:, None])
-            tl.store(ptrs, _cast_rne((q - p) * coef[:, None], x_ptr.dtype.element_ty), mask=mask)
+            g = tl.where(undefined[:, None], float("nan"), (q - p) * coef[:, None])
+            tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -147,7 +157,9 @@ def _kl_bwd_kernel(
     off_r = rows.to(tl.int64) * stride_r
     cols0 = tl.arange(0, BLOCK_V)
     hi, lo = _split(tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
-    hi_r, lo_r = _split(tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
+    lse_ref = tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+    undefined = _undefined(lse_ref)
+    hi_r, lo_r = _split(lse_ref)
     coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
@@ -158,7 +170,8 @@ def _kl_bwd_kernel(
         zr = xr.to(tl.float32) * inv_tau
         q = tl.exp((z - hi[:, None]) - lo[:, None])
         p = tl.exp((zr - hi_r[:, None]) - lo_r[:, None])
-        tl.store(ptrs, _cast_rne((q - p) * coef[:, None], x_ptr.dtype.element_ty), mask=mask)
+        g = tl.where(undefined[:, None], float("nan"), (q - p) * coef[:, None])
+        tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
 @device_function
@@ -208,6 +221,7 @@ def _topk_write_grad(
         koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
         lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
         total += tl.sum(tl.exp(lp), axis=1)
+    undefined = _undefined(total)
     total = total.to(tl.float32)
     coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
@@ -222,6 +236,7 @@ def _topk_write_grad(
         z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
         g = c1[:, None] * tl.exp((z - hi[:, None]) - lo[:, None])
         g = g - coef[:, None] * tl.exp((z - hi_t[:, None]) - lo_t[:, None])
+        g = tl.where(undefined[:, None], float("nan"), g)
         tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()
     for kb in range(0, K, BLOCK_K):
@@ -229,7 +244,7 @@ def _topk_write_grad(
         zk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * inv_tau
         lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float32)
         g = total[:, None] * tl.exp((zk - hi[:, None]) - lo[:, None]) - tl.exp(lp)
-        g = g * coef[:, None]
+        g = tl.where(undefined[:, None], float("nan"), g * coef[:, None])
         tl.store(x_ptr + off_x[:, None] + idx, _cast_rne(g, x_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -288,6 +303,7 @@ def _kl_topk_fwd_kernel(
     # 3. the k + 1 loss terms, in fp64
     lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
     p_t = tl.exp(lt)
+    total = p_t
     loss = tl.where(p_t > 0.0, p_t * (lt - (lse_tail - lse)), 0.0)
     for kb in range(0, K, BLOCK_K):
         koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
@@ -296,6 +312,8 @@ def _kl_topk_fwd_kernel(
         p = tl.exp(lp)
         terms = tl.where(p > 0.0, p * (lp - (zk.to(tl.float64) - lse[:, None])), 0.0)
         loss += tl.sum(terms, axis=1)
+        total += tl.sum(p, axis=1)
+    loss = tl.where(_undefined(total), float("nan"), loss)
     tl.store(kl_ptr + rows, loss.to(tl.float32), mask=row_ok)
     tl.store(lse_ptr + rows, lse, mask=row_ok)
     tl.store(lse_tail_ptr + rows, lse_tail, mask=row_ok)

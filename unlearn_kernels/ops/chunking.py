@@ -55,7 +55,7 @@ def select_rows(
     keep = torch.ones(ref.numel(), dtype=torch.bool, device=ref.device)
     n_labelled = ref.numel()
     if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
+        keep = labels.reshape(-1).long() != ignore_index  # int64: -100 is no uint8 value
         n_labelled = int(keep.sum())
     if token_weight is not None:
         keep = keep & (token_weight.reshape(-1) != 0)
@@ -182,13 +182,61 @@ def upstream_scale(
     return scale if weight is None else scale.mul_(weight)
 
 
+def graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph`` or ``create_graph``), so
+    that tensors saved for it may be read again by a later backward. Unknown means kept."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
+
+
 def scale_saved_grads(
     grads: tuple[Tensor | None, ...], grad_output: Tensor
 ) -> tuple[Tensor | None, ...]:
-    """Gradients saved by a forward sweep, times ``grad_output`` (returned as is when it is 1)."""
-    if torch.equal(grad_output, torch.ones_like(grad_output)):
+    """Gradients saved by a forward sweep, times ``grad_output``.
+
+    The saved tensors themselves are returned only when ``grad_output == 1`` and this backward
+    frees the graph: nothing else holds them afterwards, so whoever receives them (``.grad``)
+    owns them, and no copy is made. Otherwise fresh tensors are returned, so that a later
+    backward through the retained graph finds its saved gradients intact whatever is done to
+    the results (zeroed, clipped in place), as with plain PyTorch.
+    """
+    if not graph_kept() and torch.equal(grad_output, torch.ones_like(grad_output)):
         return grads
     return tuple(None if g is None else g * grad_output for g in grads)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients a fused op's backward returns under ``create_graph=True``,
+    connected to the op's inputs; differentiating through it raises."""
+
+    @staticmethod
+    def forward(ctx, op: str, n_inputs: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        ctx.op = op
+        return tuple(t.detach() for t in tensors[n_inputs:])
+
+    @staticmethod
+    def backward(ctx, *grad_outputs: Tensor):
+        raise RuntimeError(
+            f"{ctx.op} does not support double backward: its gradient is computed by a fused "
+            "sweep that records no graph of its own, so differentiating that gradient again "
+            "(a Hessian-vector product through create_graph=True) is not available"
+        )
+
+
+def first_order_only(
+    op: str, inputs: tuple[Tensor | None, ...], grads: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """``grads`` as they are, unless this backward records a graph (``create_graph=True``):
+    then they are returned through :class:`_FirstOrderOnly`, so that a second backward through
+    them raises a clear error instead of silently missing the op's second-order term."""
+    if not torch.is_grad_enabled():
+        return grads
+    anchors = tuple(t for t in inputs if t is not None and t.requires_grad)
+    present = [g for g in grads if g is not None]
+    if not anchors or not present:
+        return grads
+    guarded = iter(_FirstOrderOnly.apply(op, len(anchors), *anchors, *present))
+    return tuple(None if g is None else next(guarded) for g in grads)
 
 
 def scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:

@@ -14,8 +14,10 @@ so gradient ascent and descent run in one pass. ``[N, V]`` logits never exist: s
 :mod:`unlearn_kernels.ops.chunking`.
 
 With ``sum``/``mean`` the gradient is computed during the forward sweep and backward only
-scales it (``grad_output == 1`` returns it as is). With ``none`` the forward keeps the
-logsumexp and backward recomputes each chunk with the per-token upstream gradient.
+scales it (``grad_output == 1`` hands it over without a copy when the graph is freed, see
+:func:`~unlearn_kernels.ops.chunking.scale_saved_grads`). With ``none`` the forward keeps the
+logsumexp and backward recomputes each chunk with the per-token upstream gradient. Double
+backward is not supported: differentiating the gradient again raises a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 
 from unlearn_kernels._checks import (
+    check_backend_dtype,
     check_finite,
     check_labels,
     check_linear,
@@ -35,6 +38,7 @@ from unlearn_kernels.ops.chunking import (
     accumulate_dtype,
     allocate_grads,
     finish_grads,
+    first_order_only,
     scale_saved_grads,
     select_rows,
     sweep,
@@ -82,28 +86,30 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 rows, weight, bias, selection, ctx.n_total, row_epilogue, 1, chunk_size
             )
             ctx.save_for_backward(
-                rows, weight, bias, selection.index, target, selection.weight, lse
+                hidden, weight, bias, rows, selection.index, target, selection.weight, lse
             )
             return loss
         needs = ctx.needs_input_grad[:3]
         loss, grads = sweep_loss_and_grads(
             rows, weight, bias, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
         )
-        ctx.save_for_backward(*grads)
+        ctx.save_for_backward(hidden, weight, bias, *grads)
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.reduction == "none":
-            grads = _recompute_backward(ctx, grad_output)
-        else:
-            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
+        with torch.no_grad():
+            if ctx.reduction == "none":
+                grads = _recompute_backward(ctx, grad_output)
+            else:
+                grads = scale_saved_grads(ctx.saved_tensors[3:], grad_output)
+        grads = first_order_only("fused_linear_cross_entropy", ctx.saved_tensors[:3], grads)
         return (*grads, None, None, None, None, None, None, None)
 
 
 def _recompute_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``reduction='none'``: rebuild each chunk and write ``g_i w_i (softmax − e_y)`` over it."""
-    rows, weight, bias, index, target, token_weight, lse = ctx.saved_tensors
+    _, weight, bias, rows, index, target, token_weight, lse = ctx.saved_tensors
     epilogues = get_backend(ctx.backend, rows.device)
     scale = upstream_scale(grad_output, index, token_weight, accumulate_dtype(rows.dtype))
     grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
@@ -154,6 +160,8 @@ def fused_linear_cross_entropy(
     check_labels(labels, hidden, vocab, ignore_index)
     check_token_weight(token_weight, hidden)
     check_options(reduction, chunk_size, softcap)
+    backend = backend_name(backend, hidden.device)
+    check_backend_dtype(backend, hidden)
     check_finite(hidden=hidden, weight=weight, bias=bias, token_weight=token_weight)
     loss = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, d),
@@ -165,6 +173,6 @@ def fused_linear_cross_entropy(
         reduction,
         None if softcap is None else float(softcap),
         chunk_size,
-        backend_name(backend, hidden.device),
+        backend,
     )
     return loss.reshape(labels.shape) if reduction == "none" else loss

@@ -19,11 +19,16 @@ The reference is a cache, never a second model:
   ``(q_v − p_v)/τ`` on the top-k and ``q_v (1 − p_t/q_t)/τ`` off it (for ``Σ_K p_k + p_t = 1``;
   the kernels differentiate the loss exactly otherwise, see ``torch_backend._topk_grad``).
 
+A reference row that is no distribution — reference logits with a NaN or ``+inf``, or all
+``−inf``; top-k log-probs or a tail log-mass with a NaN or ``+inf`` — gives that row a NaN loss
+and a NaN gradient on every backend (a ``ValueError`` with ``UNLEARN_KERNELS_CHECK_FINITE=1``).
+``−inf`` entries are zero probabilities and contribute 0.
+
 The reference is a constant target: no gradient flows to ``ref_hidden``, ``ref_weight`` or
 ``ref_logits`` (pass the frozen original weight as ``ref_weight`` if ``weight`` is trained).
 Gradient modes as in :mod:`unlearn_kernels.ops.cross_entropy`: computed during the forward
 sweep for ``sum``/``mean``; for ``none`` the logsumexps are saved and each chunk recomputed in
-backward with the per-token upstream gradient.
+backward with the per-token upstream gradient. Double backward raises a ``RuntimeError``.
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ import torch
 from torch import Tensor
 
 from unlearn_kernels._checks import (
+    check_backend_dtype,
     check_finite,
-    check_labels,
     check_linear,
+    check_log_values,
     check_options,
-    check_tensor,
-    check_token_weight,
+    check_reference,
+    check_selection,
+    check_temperature,
+    check_topk,
+    loss_rows,
 )
 from unlearn_kernels.backends import backend_name, get_backend
 from unlearn_kernels.ops.chunking import (
@@ -45,6 +54,7 @@ from unlearn_kernels.ops.chunking import (
     accumulate_dtype,
     allocate_grads,
     finish_grads,
+    first_order_only,
     linear_into,
     scale_saved_grads,
     select_rows,
@@ -146,41 +156,56 @@ class FusedLinearKLFunction(torch.autograd.Function):
                 rows, weight, None, selection, ctx.n_total, row_epilogue, 2, chunk_size
             )
             ctx.save_for_backward(
-                rows, weight, ref_rows, ref_weight, selection.index, selection.weight, lse, lse_ref
+                hidden,
+                weight,
+                rows,
+                ref_rows,
+                ref_weight,
+                selection.index,
+                selection.weight,
+                lse,
+                lse_ref,
             )
             return loss
         needs = (*ctx.needs_input_grad[:2], False)
         loss, grads = sweep_loss_and_grads(
             rows, weight, None, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
         )
-        ctx.save_for_backward(*grads[:2])
+        ctx.save_for_backward(hidden, weight, *grads[:2])
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.reduction != "none":
-            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
-            return (*grads, *[None] * 10)
-        rows, weight, ref_rows, ref_weight, index, token_weight, lse, lse_ref = ctx.saved_tensors
-        epilogues = get_backend(ctx.backend, rows.device)
-        scale = upstream_scale(grad_output, index, token_weight, lse.dtype)
-        reference = _ReferenceLogits(ref_rows, ref_weight, ctx.ref_logits, index, rows)
-        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
-        vocab = weight.shape[0]
+        with torch.no_grad():
+            if ctx.reduction == "none":
+                grads = _kl_recompute(ctx, grad_output)
+            else:
+                grads = scale_saved_grads(ctx.saved_tensors[2:], grad_output)
+        grads = first_order_only("fused_linear_kl", ctx.saved_tensors[:2], grads)
+        return (*grads, *[None] * 10)
 
-        def backward(start: int, end: int, logits: Tensor) -> None:
-            epilogues.kl_backward(
-                logits,
-                reference(start, end, vocab),
-                lse[start:end],
-                lse_ref[start:end],
-                scale[start:end],
-                ctx.temperature,
-            )
 
-        sweep(rows, weight, None, backward, grads, ctx.chunk_size)
-        grad_hidden, grad_weight, _ = finish_grads(grads, ctx.n_total, index, weight, None)
-        return (grad_hidden, grad_weight, *[None] * 10)
+def _kl_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``reduction='none'``: rebuild each chunk and write ``g_i w_i (q − p)/τ`` over it."""
+    _, weight, rows, ref_rows, ref_weight, index, token_weight, lse, lse_ref = ctx.saved_tensors
+    epilogues = get_backend(ctx.backend, rows.device)
+    scale = upstream_scale(grad_output, index, token_weight, lse.dtype)
+    reference = _ReferenceLogits(ref_rows, ref_weight, ctx.ref_logits, index, rows)
+    grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+    vocab = weight.shape[0]
+
+    def backward(start: int, end: int, logits: Tensor) -> None:
+        epilogues.kl_backward(
+            logits,
+            reference(start, end, vocab),
+            lse[start:end],
+            lse_ref[start:end],
+            scale[start:end],
+            ctx.temperature,
+        )
+
+    sweep(rows, weight, None, backward, grads, ctx.chunk_size)
+    return finish_grads(grads, ctx.n_total, index, weight, None)[:2]
 
 
 class FusedLinearKLTopkFunction(torch.autograd.Function):
@@ -229,145 +254,59 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
                 rows, weight, None, selection, ctx.n_total, row_epilogue, 2, chunk_size
             )
             ctx.save_for_backward(
-                rows, weight, index, logprob, tail, selection.index, selection.weight, lse, lse_tail
+                hidden,
+                weight,
+                rows,
+                index,
+                logprob,
+                tail,
+                selection.index,
+                selection.weight,
+                lse,
+                lse_tail,
             )
             return loss
         needs = (*ctx.needs_input_grad[:2], False)
         loss, grads = sweep_loss_and_grads(
             rows, weight, None, selection, reduction, needs, ctx.n_total, row_epilogue, chunk_size
         )
-        ctx.save_for_backward(*grads[:2])
+        ctx.save_for_backward(hidden, weight, *grads[:2])
         return loss
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        if ctx.reduction != "none":
-            grads = scale_saved_grads(ctx.saved_tensors, grad_output)
-            return (*grads, *[None] * 10)
-        rows, weight, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
-            ctx.saved_tensors
+        with torch.no_grad():
+            if ctx.reduction == "none":
+                grads = _topk_recompute(ctx, grad_output)
+            else:
+                grads = scale_saved_grads(ctx.saved_tensors[2:], grad_output)
+        grads = first_order_only("fused_linear_kl_topk", ctx.saved_tensors[:2], grads)
+        return (*grads, *[None] * 10)
+
+
+def _topk_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """``reduction='none'``: rebuild each chunk and write the scaled top-k gradient over it."""
+    _, weight, rows, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
+        ctx.saved_tensors
+    )
+    epilogues = get_backend(ctx.backend, rows.device)
+    scale = upstream_scale(grad_output, row_index, token_weight, lse.dtype)
+    grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
+
+    def backward(start: int, end: int, logits: Tensor) -> None:
+        epilogues.kl_topk_backward(
+            logits,
+            index[start:end],
+            logprob[start:end],
+            tail[start:end],
+            lse[start:end],
+            lse_tail[start:end],
+            scale[start:end],
+            ctx.temperature,
         )
-        epilogues = get_backend(ctx.backend, rows.device)
-        scale = upstream_scale(grad_output, row_index, token_weight, lse.dtype)
-        grads = allocate_grads(rows, weight, None, (*ctx.needs_input_grad[:2], False))
 
-        def backward(start: int, end: int, logits: Tensor) -> None:
-            epilogues.kl_topk_backward(
-                logits,
-                index[start:end],
-                logprob[start:end],
-                tail[start:end],
-                lse[start:end],
-                lse_tail[start:end],
-                scale[start:end],
-                ctx.temperature,
-            )
-
-        sweep(rows, weight, None, backward, grads, ctx.chunk_size)
-        grad_hidden, grad_weight, _ = finish_grads(grads, ctx.n_total, row_index, weight, None)
-        return (grad_hidden, grad_weight, *[None] * 10)
-
-
-# ---- input checks ------------------------------------------------------------------------
-
-
-def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not 0.0 < float(temperature) < float("inf"):
-        raise ValueError(f"temperature must be positive and finite, got {temperature!r}")
-    return float(temperature)
-
-
-def _check_selection(
-    labels: Tensor | None, token_weight: Tensor | None, hidden: Tensor, vocab: int, ignore: int
-) -> None:
-    if labels is not None:
-        check_labels(labels, hidden, vocab, ignore)
-    check_token_weight(token_weight, hidden)
-
-
-def _check_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    ref_hidden: Tensor | None,
-    ref_weight: Tensor | None,
-    ref_logits: Tensor | None,
-) -> None:
-    """Exactly one of ``ref_hidden`` (``hidden``'s shape, any float dtype) and ``ref_logits``
-    (``hidden``'s leading shape × V, any float dtype and device)."""
-    if (ref_hidden is None) == (ref_logits is None):
-        raise ValueError("pass exactly one of ref_hidden (exact) and ref_logits (streamed)")
-    vocab = weight.shape[0]
-    if ref_hidden is not None:
-        check_tensor("ref_hidden", ref_hidden)
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(
-                f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, "
-                f"got {tuple(ref_hidden.shape)}"
-            )
-        if not ref_hidden.is_floating_point() or ref_hidden.device != hidden.device:
-            raise ValueError(
-                f"ref_hidden must be a float tensor on {hidden.device}, "
-                f"got {ref_hidden.dtype} on {ref_hidden.device}"
-            )
-        if ref_weight is not None:
-            check_linear(hidden, ref_weight, None, weight_name="ref_weight")
-            if ref_weight.shape[0] != vocab:
-                raise ValueError(
-                    f"ref_weight must be [V, d] = {tuple(weight.shape)} like weight, "
-                    f"got {tuple(ref_weight.shape)}"
-                )
-        return
-    if ref_weight is not None:
-        raise ValueError("ref_weight is only used with ref_hidden, not with ref_logits")
-    check_tensor("ref_logits", ref_logits)
-    expected = (*hidden.shape[:-1], vocab)
-    if tuple(ref_logits.shape) != expected:
-        raise ValueError(
-            f"ref_logits must be [*hidden.shape[:-1], V] = {expected}, "
-            f"got {tuple(ref_logits.shape)}"
-        )
-    if not ref_logits.is_floating_point():
-        raise ValueError(f"ref_logits must be a float tensor, got {ref_logits.dtype}")
-
-
-def _check_topk(
-    hidden: Tensor, vocab: int, index: Tensor, logprob: Tensor, tail_logprob: Tensor
-) -> None:
-    """``index`` integer ``[*lead, k]`` with distinct entries in ``[0, V)`` per row,
-    ``logprob`` float ``[*lead, k]``, ``tail_logprob`` float ``[*lead]``."""
-    lead = tuple(hidden.shape[:-1])
-    for name, value in (
-        ("ref_topk_index", index),
-        ("ref_topk_logprob", logprob),
-        ("ref_tail_logprob", tail_logprob),
-    ):
-        check_tensor(name, value)
-        if value.device != hidden.device:
-            raise ValueError(f"{name} is on {value.device} but hidden is on {hidden.device}")
-    if index.dim() != len(lead) + 1 or tuple(index.shape[:-1]) != lead:
-        raise ValueError(f"ref_topk_index must be [*{lead}, k], got {tuple(index.shape)}")
-    k = index.shape[-1]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"ref_topk_index must have 1 <= k <= V={vocab} columns, got k={k}")
-    if index.dtype not in (torch.int64, torch.int32, torch.int16):
-        raise ValueError(f"ref_topk_index must be an integer tensor, got {index.dtype}")
-    if tuple(logprob.shape) != tuple(index.shape) or not logprob.is_floating_point():
-        raise ValueError(
-            f"ref_topk_logprob must be a float tensor of shape {tuple(index.shape)}, "
-            f"got {logprob.dtype} of shape {tuple(logprob.shape)}"
-        )
-    if tuple(tail_logprob.shape) != lead or not tail_logprob.is_floating_point():
-        raise ValueError(
-            f"ref_tail_logprob must be a float tensor of shape {lead}, "
-            f"got {tail_logprob.dtype} of shape {tuple(tail_logprob.shape)}"
-        )
-    if bool(((index < 0) | (index >= vocab)).any()):
-        raise ValueError(f"ref_topk_index must lie in [0, {vocab})")
-    ordered = index.reshape(-1, k).sort(dim=1).values
-    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
-        raise ValueError("ref_topk_index must hold k distinct token ids per row")
+    sweep(rows, weight, None, backward, grads, ctx.chunk_size)
+    return finish_grads(grads, ctx.n_total, row_index, weight, None)[:2]
 
 
 # ---- public functions --------------------------------------------------------------------
@@ -415,8 +354,12 @@ def fused_linear_kl(
         The loss in fp32 (fp64 for fp64 inputs); gradients flow to ``hidden`` and ``weight``.
     """
     vocab, d = check_linear(hidden, weight, None)
-    _check_reference(hidden, weight, ref_hidden, ref_weight, ref_logits)
-    _check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_reference(hidden, weight, ref_hidden, ref_weight, ref_logits)
+    check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    check_options(reduction, chunk_size)
+    temperature = check_temperature(temperature)
+    backend = backend_name(backend, hidden.device)
+    check_backend_dtype(backend, hidden)
     check_finite(
         hidden=hidden,
         weight=weight,
@@ -424,8 +367,8 @@ def fused_linear_kl(
         ref_weight=ref_weight,
         token_weight=token_weight,
     )
-    check_options(reduction, chunk_size)
-    temperature = _check_temperature(temperature)
+    rows = loss_rows(labels, token_weight, ignore_index)
+    check_log_values(hidden.shape[:-1].numel(), rows, nonempty=True, ref_logits=ref_logits)
     if ref_hidden is not None and ref_weight is None:
         ref_weight = weight
     loss = FusedLinearKLFunction.apply(
@@ -440,7 +383,7 @@ def fused_linear_kl(
         ignore_index,
         reduction,
         chunk_size,
-        backend_name(backend, hidden.device),
+        backend,
     )
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
 
@@ -468,6 +411,9 @@ def fused_linear_kl_topk(
 
     Args:
         ref_topk_index: ``[*hidden.shape[:-1], k]`` distinct token ids per row (any k ≤ V).
+            Only the rows that carry a loss are read or validated, so the zero-padded
+            ``[B, T, k]`` tensors of :meth:`ReferenceBatch.to_padded
+            <unlearn_kernels.train.reference_cache.ReferenceBatch.to_padded>` go in as they are.
         ref_topk_logprob: ``log p_k`` of the same shape (any float dtype), the reference
             log-probs at the same temperature ``τ``.
         ref_tail_logprob: ``[*hidden.shape[:-1]]`` ``log p_t = log(1 − Σ_K p_k)``; ``−inf``
@@ -476,11 +422,20 @@ def fused_linear_kl_topk(
     The other arguments and the return value are those of :func:`fused_linear_kl`.
     """
     vocab, d = check_linear(hidden, weight, None)
-    _check_topk(hidden, vocab, ref_topk_index, ref_topk_logprob, ref_tail_logprob)
-    _check_selection(labels, token_weight, hidden, vocab, ignore_index)
-    check_finite(hidden=hidden, weight=weight, token_weight=token_weight)
+    check_selection(labels, token_weight, hidden, vocab, ignore_index)
+    rows = loss_rows(labels, token_weight, ignore_index)
+    check_topk(hidden, vocab, ref_topk_index, ref_topk_logprob, ref_tail_logprob, rows)
     check_options(reduction, chunk_size)
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
+    backend = backend_name(backend, hidden.device)
+    check_backend_dtype(backend, hidden)
+    check_finite(hidden=hidden, weight=weight, token_weight=token_weight)
+    check_log_values(
+        hidden.shape[:-1].numel(),
+        rows,
+        ref_topk_logprob=ref_topk_logprob,
+        ref_tail_logprob=ref_tail_logprob,
+    )
     k = ref_topk_index.shape[-1]
     loss = FusedLinearKLTopkFunction.apply(
         hidden.reshape(-1, d),
@@ -494,6 +449,6 @@ def fused_linear_kl_topk(
         ignore_index,
         reduction,
         chunk_size,
-        backend_name(backend, hidden.device),
+        backend,
     )
     return loss.reshape(hidden.shape[:-1]) if reduction == "none" else loss
