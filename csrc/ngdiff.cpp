@@ -7,6 +7,12 @@
 //                 entirely (its tensor is not read), so a non-finite gradient whose coefficient
 //                 was set to zero cannot leak into out.
 //
+// Tiny gradients: squares below fp32's range would read as 0, so a piece whose max |f| (or
+// max |r|) lies in (0, 2^-40) is summed again scaled by an exact power of two, 2^-e with
+// e = frexp exponent of the max (at most 2^126), and unscaled in float64 (the torch backend's
+// rule): a nonzero gradient never gets norm 0. The fast path is unchanged: the max is read
+// only when a piece's plain sum of squares is below 2^-60.
+//
 // Work: the segments, laid end to end, are cut into items of kItem elements (an item may span
 // several small segments), so threads get equal work however the gradients are shaped. Each
 // item is reduced by one thread in a fixed order (fp32 vector accumulators per segment piece,
@@ -20,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -73,14 +80,24 @@ class Layout {
   std::vector<int64_t> start_;
 };
 
-template <typename T>
-std::array<double, 3> item_sums(const T* f, const T* r, int64_t n) {
+// A piece's fp32 [Σ(sf·f)², Σ(sr·r)², Σ(sf·f)(sr·r)]; kScaled = false is the fast path (sf = sr
+// = 1, no multiplies).
+template <bool kScaled, typename T>
+std::array<float, 3> item_sums(const T* f, const T* r, int64_t n, float sf = 1.f,
+                               float sr = 1.f) {
+  const Vec vsf(sf), vsr(sr);
   Vec ff0(0.f), ff1(0.f), rr0(0.f), rr1(0.f), fr0(0.f), fr1(0.f);
   int64_t i = 0;
   for (; i + kStep <= n; i += kStep) {
     Vec f0, f1, r0, r1;
     Io<T>::load(f + i, f0, f1);
     Io<T>::load(r + i, r0, r1);
+    if constexpr (kScaled) {
+      f0 = f0 * vsf;
+      f1 = f1 * vsf;
+      r0 = r0 * vsr;
+      r1 = r1 * vsr;
+    }
     ff0 = at::vec::fmadd(f0, f0, ff0);
     ff1 = at::vec::fmadd(f1, f1, ff1);
     rr0 = at::vec::fmadd(r0, r0, rr0);
@@ -90,12 +107,53 @@ std::array<double, 3> item_sums(const T* f, const T* r, int64_t n) {
   }
   float ff = lane_sum(ff0 + ff1), rr = lane_sum(rr0 + rr1), fr = lane_sum(fr0 + fr1);
   for (; i < n; ++i) {
-    const float fv = static_cast<float>(f[i]), rv = static_cast<float>(r[i]);
+    const float fv = static_cast<float>(f[i]) * sf, rv = static_cast<float>(r[i]) * sr;
     ff += fv * fv;
     rr += rv * rv;
     fr += fv * rv;
   }
   return {ff, rr, fr};
+}
+
+// max |x| over n elements (a NaN may be skipped: the max only decides the rescaling, and the
+// sums stay NaN).
+template <typename T>
+float piece_max(const T* x, int64_t n) {
+  Vec m(0.f);
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    Vec x0, x1;
+    Io<T>::load(x + i, x0, x1);
+    m = at::vec::maximum(m, at::vec::maximum(x0.abs(), x1.abs()));
+  }
+  alignas(64) float lanes[Vec::size()];
+  m.store(lanes);
+  float out = 0.f;
+  for (int64_t k = 0; k < Vec::size(); ++k) out = std::max(out, lanes[k]);
+  for (; i < n; ++i) out = std::max(out, std::abs(static_cast<float>(x[i])));
+  return out;
+}
+
+// 2^-e (at most 2^126) bringing max into [0.5, 1) when 0 < max < 2^-40, else 1.
+float tiny_scale(float max) {
+  if (!(max > 0.f) || !(max < std::ldexp(1.f, -40))) return 1.f;
+  int e = 0;
+  std::frexp(max, &e);
+  return std::ldexp(1.f, std::min(-e, 126));
+}
+
+// [Σf², Σr², Σf·r] of a piece in float64. A side with max |x| < 2^-40 has Σx² < 2^-60 (a piece
+// holds at most 2^14 elements); only then is its max read, and the piece summed again scaled.
+template <typename T>
+std::array<double, 3> piece_sums(const T* f, const T* r, int64_t n) {
+  const float kSuspect = std::ldexp(1.f, -60);
+  const auto plain = item_sums<false>(f, r, n);
+  const float sf = plain[0] < kSuspect ? tiny_scale(piece_max(f, n)) : 1.f;
+  const float sr = plain[1] < kSuspect ? tiny_scale(piece_max(r, n)) : 1.f;
+  if (sf == 1.f && sr == 1.f) return {plain[0], plain[1], plain[2]};
+  const auto scaled = item_sums<true>(f, r, n, sf, sr);
+  const double df = sf, dr = sr;
+  return {scaled[0] / (df * df), scaled[1] / (dr * dr), scaled[2] / (df * dr)};
 }
 
 // out = a·r + b·f over n elements; USE_F / USE_R say which terms are present.
@@ -141,22 +199,22 @@ void dispatch_dtype(at::ScalarType dtype, Fn&& fn) {
       fn(at::Half{});
       break;
     default:
-      TORCH_CHECK(false, "ngdiff: gradients must be float32, bfloat16 or float16, got ", dtype);
+      TORCH_CHECK_VALUE(false, "ngdiff: gradients must be float32, bfloat16 or float16, got ", dtype);
   }
 }
 
 void check_segment(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "ngdiff: ", name, " must be on CPU");
-  TORCH_CHECK(t.is_contiguous(), "ngdiff: ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.numel() == like.numel(), "ngdiff: ",
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "ngdiff: ", name, " must be on CPU");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "ngdiff: ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type() && t.numel() == like.numel(), "ngdiff: ",
               name, " must match the forget segment's dtype and size");
 }
 
 std::vector<Segment> segments(const std::vector<at::Tensor>& forget,
                               const std::vector<at::Tensor>& retain,
                               const std::vector<at::Tensor>* out) {
-  TORCH_CHECK(forget.size() == retain.size(), "ngdiff: forget and retain segment counts differ");
-  TORCH_CHECK(out == nullptr || out->size() == forget.size(),
+  TORCH_CHECK_VALUE(forget.size() == retain.size(), "ngdiff: forget and retain segment counts differ");
+  TORCH_CHECK_VALUE(out == nullptr || out->size() == forget.size(),
               "ngdiff: out and forget segment counts differ");
   std::vector<Segment> segs;
   segs.reserve(forget.size());
@@ -184,8 +242,8 @@ at::Tensor ngdiff_sums(const std::vector<at::Tensor>& forget,
         const Segment& s = segs[seg];
         dispatch_dtype(s.dtype, [&](auto tag) {
           using T = decltype(tag);
-          const auto piece = item_sums(static_cast<const T*>(s.f) + begin,
-                                       static_cast<const T*>(s.r) + begin, end - begin);
+          const auto piece = piece_sums(static_cast<const T*>(s.f) + begin,
+                                        static_cast<const T*>(s.r) + begin, end - begin);
           for (int c = 0; c < 3; ++c) partial[k][c] += piece[c];
         });
       });
@@ -201,7 +259,7 @@ at::Tensor ngdiff_sums(const std::vector<at::Tensor>& forget,
 
 void ngdiff_write(const std::vector<at::Tensor>& forget, const std::vector<at::Tensor>& retain,
                   const std::vector<at::Tensor>& out, const at::Tensor& coef) {
-  TORCH_CHECK(coef.numel() == 2 && coef.scalar_type() == at::kFloat && coef.device().is_cpu(),
+  TORCH_CHECK_VALUE(coef.numel() == 2 && coef.scalar_type() == at::kFloat && coef.device().is_cpu(),
               "ngdiff: coef must be a float32 CPU tensor [a, b]");
   const auto segs = segments(forget, retain, &out);
   const Layout layout(forget);

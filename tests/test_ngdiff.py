@@ -174,6 +174,26 @@ def test_non_finite_gradient_is_dropped(backend, bad):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["list", "flat"])
+def test_tiny_gradient_keeps_its_norm(backend, dtype, layout):
+    """Elements of ~1e-24 (squares below fp32's range) and ~1e-40 (subnormal): the norm is not
+    read as 0, so with a small eps the −F/‖F‖ term is kept; the retain side stays ordinary."""
+    g, seed = generator()
+    shapes = [(37, 19), (2, 16385), (5,)]
+    if layout == "flat":
+        forget = [v.to(dtype) for v in flat_views(shapes, g, 1e-24)]
+    else:
+        forget = random_grads(shapes, [dtype], g, 1e-24)
+    forget[2] = (torch.randn(5, generator=g) * 1e-40).to(dtype)  # subnormal in fp32 and bf16
+    retain = random_grads(shapes, [dtype], g, 1.0)
+    out = [torch.full_like(r, float("nan")) for r in retain]
+    res = ngdiff_combine(forget, retain, out, eps=1e-37, backend=backend)
+    assert float(res.forget_norm) > 0, seed
+    check_against_oracle(forget, retain, out, res, eps=1e-37, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_direction_ascends_forget_descends_retain(backend):
     """⟨d, R⟩ = ‖R‖(1 − cos) ≥ 0 and ⟨d, F⟩ = ‖F‖(cos − 1) ≤ 0, down to cos = ±1."""
     g, seed = generator()
@@ -226,6 +246,9 @@ def test_invalid_arguments_name_the_argument():
         ((f, [r[0], "x"]), {}, r"retain_grads\[1\] must be a torch.Tensor"),
         (([], []), {}, "forget_grads must hold at least one tensor"),
         ((f, r), {"eps": 0.0}, "eps must be"),
+        ((f, r), {"eps": None}, "eps must be a float"),
+        ((f, r), {"eps": "1e-12"}, "eps must be a float"),
+        ((f, r), {"forget_sign": "x"}, "forget_sign must be a float"),
         ((f, r), {"forget_sign": 2.0}, "forget_sign must be"),
         ((f, r), {"backend": "cuda"}, "backend must be one of"),
     ]

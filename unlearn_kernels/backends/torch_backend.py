@@ -236,14 +236,33 @@ def kl_topk_backward(
 # ------------------------------------------------------------------------------------------
 
 
+#: A segment whose max |x| lies in (0, TINY) is scaled before squaring (fp32 squares of its
+#: elements would underflow: a nonzero gradient would read as norm 0).
+TINY = 2.0**-40
+
+
+def tiny_scale(x: Tensor) -> Tensor:
+    """fp32 ``2^-e`` (at most ``2^126``) with ``e`` the ``frexp`` exponent of ``m = max |x|``,
+    which brings ``m`` into ``[0.5, 1)``, when ``0 < m < TINY``; else 1. A power of two, so
+    scaling and unscaling are exact."""
+    m = x.abs().amax()
+    scale = torch.ldexp(torch.ones_like(m), (-torch.frexp(m).exponent).clamp_max(126))
+    return torch.where((m > 0) & (m < TINY), scale, torch.ones_like(m))
+
+
 def ngdiff_sums(forget: list[Tensor], retain: list[Tensor]) -> Tensor:
     """``[‖F‖², ‖R‖², ⟨F,R⟩]`` as float64 ``[3]``: fp32 dot products per segment, summed in
-    float64 in segment order."""
+    float64 in segment order. A tiny segment is scaled by :func:`tiny_scale` before squaring
+    and its dot products unscaled in float64."""
     parts = []
     for f, r in zip(forget, retain, strict=True):
         f32, r32 = f.float().reshape(-1), r.float().reshape(-1)
-        parts.append(torch.stack([torch.dot(f32, f32), torch.dot(r32, r32), torch.dot(f32, r32)]))
-    return torch.stack(parts).double().sum(0)
+        sf, sr = tiny_scale(f32), tiny_scale(r32)
+        f32, r32 = f32 * sf, r32 * sr
+        dots = torch.stack([torch.dot(f32, f32), torch.dot(r32, r32), torch.dot(f32, r32)])
+        sf, sr = sf.double(), sr.double()
+        parts.append(dots.double() / torch.stack([sf * sf, sr * sr, sf * sr]))
+    return torch.stack(parts).sum(0)
 
 
 def ngdiff_write(

@@ -8,9 +8,11 @@
 
 Work is cut into items of ``ITEM`` elements that never straddle a segment; one program owns
 one item, walks it in ``BLOCK``-wide steps with fp32 per-lane accumulators and stores three
-partial sums. The partials are added in item order in float64 by torch, so the result is
-deterministic (no atomics) and no host synchronisation is needed: the coefficients stay on
-the device between the sweeps.
+partial sums and two scales (an item whose max ``|x|`` is below ``2^-40`` is summed again
+scaled by a power of two, so a nonzero gradient never reads as norm 0). The partials are
+unscaled and added in item order in float64 by torch, so the result is deterministic (no
+atomics) and no host synchronisation is needed: the coefficients stay on the device between
+the sweeps.
 
 Two kernel flavours per sweep: ``*_flat`` takes the pointers of one segment (the flat-buffer
 fast path; the compiler sees 16-byte-aligned pointers and vectorises the loads), ``*_table``
@@ -46,20 +48,62 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @device_function
-def _range_sums(f_ptr, r_ptr, begin, end, BLOCK: tl.constexpr):
-    """fp32 ``(Σf², Σr², Σf·r)`` over elements ``[begin, end)``."""
+def _range_sums(f_ptr, r_ptr, begin, end, sf, sr, BLOCK: tl.constexpr):
+    """fp32 ``(Σ(sf·f)², Σ(sr·r)², Σ(sf·f)(sr·r))`` over elements ``[begin, end)``."""
     ff = tl.zeros([BLOCK], tl.float32)
     rr = tl.zeros([BLOCK], tl.float32)
     fr = tl.zeros([BLOCK], tl.float32)
     for start in range(begin, end, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < end
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sf
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sr
         ff += f * f
         rr += r * r
         fr += f * r
     return tl.sum(ff, axis=0), tl.sum(rr, axis=0), tl.sum(fr, axis=0)
+
+
+@device_function
+def _range_max(x_ptr, begin, end, BLOCK: tl.constexpr):
+    """fp32 ``max |x|`` over ``[begin, end)`` (a NaN may be skipped: see :func:`_item_sums`)."""
+    m = tl.zeros([BLOCK], tl.float32)
+    for start in range(begin, end, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        m = tl.maximum(m, tl.abs(tl.load(x_ptr + offs, mask=offs < end, other=0.0).to(tl.float32)))
+    return tl.max(m, axis=0)
+
+
+@device_function
+def _tiny_scale(m):
+    """``2^-e`` bringing ``m`` into ``[0.5, 1)`` (``e`` its ``frexp`` exponent; ``2^126`` for a
+    subnormal ``m``) when ``0 < m < 2^-40``, else 1: torch_backend.tiny_scale on the bits."""
+    biased = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    scale = ((253 - biased) << 23).to(tl.float32, bitcast=True)
+    return tl.where((m > 0.0) & (m < 9.094947017729282e-13), scale, 1.0)
+
+
+@device_function
+def _item_sums(f_ptr, r_ptr, partial_ptr, pid, begin, end, BLOCK: tl.constexpr):
+    """Store ``(Σf², Σr², Σf·r)`` of ``[begin, end)`` scaled by ``(sf, sr)``, and the scales.
+    A side with max ``|x| < 2^-40`` has ``Σx² < 2^-60`` (an item holds at most ``2^16``
+    elements): only then is its max read and, if tiny (:func:`_tiny_scale`), the item summed
+    again scaled; torch unscales in float64. The max only decides the rescaling, so a NaN it
+    skips still leaves the sums NaN."""
+    ff, rr, fr = _range_sums(f_ptr, r_ptr, begin, end, 1.0, 1.0, BLOCK)
+    sf = tl.full((), 1.0, tl.float32)
+    sr = tl.full((), 1.0, tl.float32)
+    if ff < 8.673617379884035e-19:  # 2^-60
+        sf = _tiny_scale(_range_max(f_ptr, begin, end, BLOCK))
+    if rr < 8.673617379884035e-19:
+        sr = _tiny_scale(_range_max(r_ptr, begin, end, BLOCK))
+    if (sf != 1.0) | (sr != 1.0):
+        ff, rr, fr = _range_sums(f_ptr, r_ptr, begin, end, sf, sr, BLOCK)
+    tl.store(partial_ptr + 5 * pid, ff)
+    tl.store(partial_ptr + 5 * pid + 1, rr)
+    tl.store(partial_ptr + 5 * pid + 2, fr)
+    tl.store(partial_ptr + 5 * pid + 3, sf)
+    tl.store(partial_ptr + 5 * pid + 4, sr)
 
 
 @device_function
@@ -91,10 +135,7 @@ def _sums_flat(f_ptr, r_ptr, partial_ptr, n, ITEM: tl.constexpr, BLOCK: tl.const
     pid = tl.program_id(0)
     begin = pid.to(tl.int64) * ITEM
     end = tl.minimum(begin + ITEM, n)
-    ff, rr, fr = _range_sums(f_ptr, r_ptr, begin, end, BLOCK)
-    tl.store(partial_ptr + 3 * pid, ff)
-    tl.store(partial_ptr + 3 * pid + 1, rr)
-    tl.store(partial_ptr + 3 * pid + 2, fr)
+    _item_sums(f_ptr, r_ptr, partial_ptr, pid, begin, end, BLOCK)
 
 
 @triton.jit
@@ -105,10 +146,7 @@ def _sums_table(f_tab, r_tab, items, partial_ptr, DTYPE: tl.constexpr, BLOCK: tl
     end = tl.load(items + 3 * pid + 2)
     f_ptr = tl.load(f_tab + seg).to(tl.pointer_type(DTYPE))
     r_ptr = tl.load(r_tab + seg).to(tl.pointer_type(DTYPE))
-    ff, rr, fr = _range_sums(f_ptr, r_ptr, begin, end, BLOCK)
-    tl.store(partial_ptr + 3 * pid, ff)
-    tl.store(partial_ptr + 3 * pid + 1, rr)
-    tl.store(partial_ptr + 3 * pid + 2, fr)
+    _item_sums(f_ptr, r_ptr, partial_ptr, pid, begin, end, BLOCK)
 
 
 @triton.jit
@@ -175,16 +213,16 @@ def ngdiff_sums(forget: list[Tensor], retain: list[Tensor]) -> Tensor:
     interpreted, item, block, num_warps = _config(device)
     if len(forget) == 1:
         n = forget[0].numel()
-        partial = torch.empty(triton.cdiv(n, item), 3, dtype=torch.float32, device=device)
+        partial = torch.empty(triton.cdiv(n, item), 5, dtype=torch.float32, device=device)
         kernel_variant(_sums_flat, interpreted)[(partial.shape[0],)](
             forget[0], retain[0], partial, n, ITEM=item, BLOCK=block, num_warps=num_warps
         )
-        return partial.double().sum(0)
+        return _unscaled_total(partial)
     partials = []
     for group in _groups(forget):
         fs, rs = [forget[i] for i in group], [retain[i] for i in group]
         items = _items(fs, item, device)
-        partial = torch.empty(items.shape[0], 3, dtype=torch.float32, device=device)
+        partial = torch.empty(items.shape[0], 5, dtype=torch.float32, device=device)
         kernel_variant(_sums_table, interpreted)[(items.shape[0],)](
             _table(fs, device),
             _table(rs, device),
@@ -195,7 +233,15 @@ def ngdiff_sums(forget: list[Tensor], retain: list[Tensor]) -> Tensor:
             num_warps=num_warps,
         )
         partials.append(partial)
-    return torch.cat(partials).double().sum(0)
+    return _unscaled_total(torch.cat(partials))
+
+
+def _unscaled_total(partial: Tensor) -> Tensor:
+    """Item partials ``[n, 5]`` (three scaled sums, ``sf``, ``sr``) unscaled and added in
+    item order, in float64."""
+    p = partial.double()
+    sf, sr = p[:, 3], p[:, 4]
+    return (p[:, :3] / torch.stack([sf * sf, sr * sr, sf * sr], dim=1)).sum(0)
 
 
 def ngdiff_write(

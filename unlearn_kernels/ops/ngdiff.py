@@ -9,6 +9,12 @@ With the default ``forget_sign = −1`` and ``F``, ``R`` the gradients of the fo
 NLL, ``out = R/‖R‖ − F/‖F‖``: descending along it lowers the retain loss and raises the
 forget loss (``⟨out, R⟩ = ‖R‖(1 − cos) ≥ 0``, ``⟨out, F⟩ = ‖F‖(cos − 1) ≤ 0``).
 
+Tiny gradients: fp32 squares of elements below ~1e-19 lose precision and below ~1e-23 vanish,
+so a piece of a segment whose max ``|x|`` lies in ``(0, 2^-40)`` is summed again after scaling
+by an exact power of two and unscaled in float64 (every backend,
+:func:`~unlearn_kernels.backends.torch_backend.tiny_scale`): a nonzero gradient never reads as
+norm 0, and its direction term is kept whatever ``eps`` allows.
+
 Zero and non-finite gradients (the documented rule, :func:`combine_coefficients`):
 
 - a zero gradient (an empty forget batch) contributes nothing: its coefficient is set to 0 and
@@ -74,9 +80,12 @@ def _first(mismatch: list[bool]) -> int:
 def _validate(
     forget: list[Tensor], retain: list[Tensor], out: list[Tensor], eps: float, forget_sign: float
 ) -> None:
+    for name, value in (("eps", eps), ("forget_sign", forget_sign)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must be a float, got {type(value).__name__}")
     if not (torch.finfo(torch.float32).tiny <= eps < float("inf")):
         raise ValueError(f"eps must be a finite float ≥ 1.2e-38 (1/eps fits fp32), got {eps!r}")
-    if forget_sign not in (-1.0, 1.0):
+    if float(forget_sign) not in (-1.0, 1.0):
         raise ValueError(f"forget_sign must be -1.0 or 1.0, got {forget_sign!r}")
     n = len(forget)
     device, shapes, dtypes = forget[0].device, [t.shape for t in forget], [t.dtype for t in forget]
@@ -203,7 +212,7 @@ def ngdiff_combine(
     forget = _as_list("forget_grads", forget_grads)
     retain = _as_list("retain_grads", retain_grads)
     outs = retain if out is None else _as_list("out", out)
-    _validate(forget, retain, outs, eps, float(forget_sign))
+    _validate(forget, retain, outs, eps, forget_sign)
     with torch.no_grad():
         plan = _plan(forget, retain, outs)
         kernels = get_backend(backend, forget[0].device)
