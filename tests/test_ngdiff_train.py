@@ -212,6 +212,19 @@ def test_fit_parabola_is_exact_and_acceptance_rule():
     for bad in (dict(every=0), dict(smoothing=1.0), dict(max_ratio=0.5)):
         with pytest.raises(ValueError):
             GeN(**bad)
+    for lr in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive finite float"):
+            fit_parabola(1.0, 1.0, 1.0, lr)
+
+
+def test_gen_rejects_a_zero_learning_rate():
+    g, _ = generator()
+    model = Quadratic(g)
+    for lr in (0.0, float("nan")):
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        with pytest.raises(ValueError, match=r"param_groups\[0\]\['lr'\] must be a positive"):
+            NGDiffStep(TaskGradients(model.parameters()), optimizer, gen=GeN())
+        NGDiffStep(TaskGradients(model.parameters()), optimizer)  # no GeN: no probe, no check
 
 
 class Quadratic(nn.Module):

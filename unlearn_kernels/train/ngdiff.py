@@ -206,10 +206,17 @@ class ParabolaFit:
     accepted: bool  # both positive (and every loss finite)
 
 
+def _check_lr(name: str, lr: object) -> None:
+    value = float(lr) if isinstance(lr, Tensor) and lr.numel() == 1 else lr
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive finite float for GeN, got {lr!r}")
+
+
 def fit_parabola(loss_minus: float, loss_zero: float, loss_plus: float, lr: float) -> ParabolaFit:
     """Fit ``L(θ₀ − t·u) = L₀ − t·Gg + t²·gHg/2`` exactly through the probes at ``t = −η, 0, η``
     (``loss_minus`` at ``θ₀ + η·u``, ``loss_plus`` at ``θ₀ − η·u``); its minimiser is
-    ``η* = Gg/gHg``."""
+    ``η* = Gg/gHg``. ``lr`` must be positive and finite (the probes are ``±lr`` apart)."""
+    _check_lr("lr", lr)
     gu = (loss_minus - loss_plus) / (2.0 * lr)
     uhu = (loss_plus + loss_minus - 2.0 * loss_zero) / (lr * lr)
     finite = all(math.isfinite(x) for x in (loss_minus, loss_zero, loss_plus, gu, uhu))
@@ -283,6 +290,9 @@ class NGDiffStep:
         max_grad_norm: float | None = None,
         backend: str | None = None,
     ) -> None:
+        if gen is not None:  # GeN's probes lie ±lr apart
+            for j, group in enumerate(optimizer.param_groups):
+                _check_lr(f"optimizer.param_groups[{j}]['lr']", group.get("lr"))
         self.grads = grads
         self.optimizer = optimizer
         self.gen = gen
