@@ -71,6 +71,19 @@ def word_tokenizer(words: list[str] = WORDS):
     return tokenizer
 
 
+def hf_word_tokenizer(words: list[str] = WORDS):
+    """:func:`word_tokenizer` as a Hugging Face fast tokenizer with BOS/EOS/PAD/UNK tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=word_tokenizer(words),
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+    )
+
+
 @functools.cache
 def bnb_usable() -> str | None:
     """``None`` if bitsandbytes nf4 runs forward and backward on CPU here, else the reason."""

@@ -329,13 +329,31 @@ def load_tokenizer(path: str | Path) -> Any:
     raise ValueError(f"tokenizer path {str(path)!r} is neither a tokenizer.json nor a directory")
 
 
+#: The parts of a ``tokenizers`` serialisation that decide the token ids of a text encoded
+#: without special tokens; truncation, padding, the post-processor (special tokens added by
+#: ``add_special_tokens=True``; BOS/EOS are explicit here and land in the data's own hash),
+#: the decoder and the format version do not, and differ between loaders or after a call.
+_TOKEN_ID_FIELDS = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+
+
 def tokenizer_sha256(tokenizer: Any) -> str:
-    """Identity of a tokenizer: the hash of its serialised form (the vocabulary if it has none)."""
+    """Identity of what a tokenizer maps text to: the hash of its vocabulary and merges
+    (``model``), normaliser, pre-tokeniser and added/special tokens (sorted by id), nothing
+    else — the same for a ``tokenizer.json`` and its Hugging Face directory, and unchanged by
+    a ``tok(..., truncation=True, padding=...)`` call. A tokenizer without a ``tokenizers``
+    backend is hashed by its class, vocabulary and special tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if hasattr(backend, "to_str"):
-        text = backend.to_str()
+        serialised = json.loads(backend.to_str())
+        identity = {key: serialised.get(key) for key in _TOKEN_ID_FIELDS}
+        identity["added_tokens"] = sorted(identity["added_tokens"] or [], key=lambda t: t["id"])
     elif hasattr(tokenizer, "get_vocab"):
-        text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+        identity = {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": sorted(getattr(tokenizer, "all_special_tokens", [])),
+        }
     else:
         raise ValueError(f"tokenizer of type {type(tokenizer).__name__} cannot be fingerprinted")
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()

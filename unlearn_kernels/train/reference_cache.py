@@ -27,13 +27,16 @@ are stored in fp32, ``label``/``topk_index`` as int32.
 and at most ``max_shard_bytes`` of tensors (its ``row_offsets [e + 1]`` included), then
 ``manifest.json``, written last and atomically (temp file, fsync, ``os.replace``): a build
 that stops midway leaves no manifest and is refused. The manifest lists every shard's size
-(checked on open) and SHA-256 (checked on a shard's first read), the settings, and the
-fingerprint of what the cache was built from: the model (names, shapes, dtypes and values of
-its parameters, and its config), the data (token content, and the file hash when read from a
-file) and the tokenizer. Adapter parameters are left out of the model's fingerprint: the
-reference runs without them, and they change at every training step. Opening a cache against
-other inputs is a ``ValueError``. Only safetensors and JSON are read: nothing is unpickled.
-Reads are memory-mapped slices, one batch at a time.
+(checked on open) and SHA-256 (checked on a shard's first read), the settings, a random
+``build_id``, and the fingerprint of what the cache was built from: the model (names, shapes,
+dtypes and values of its parameters, and its config), the data (token content, and the file
+hash when read from a file) and the tokenizer (what decides its token ids). Adapter parameters
+are left out of the model's fingerprint: the reference runs without them, and they change at
+every training step. Every shard's metadata repeats the manifest's header, so an edited
+manifest, or a cache rebuilt under an open reader, is refused (schema and rules:
+:mod:`~unlearn_kernels.train.cache_manifest`). Opening a cache against other inputs is a
+``ValueError``. Only safetensors and JSON are read: nothing is unpickled. Reads are
+memory-mapped slices, one batch at a time.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import hashlib
 import itertools
 import json
 import os
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -53,6 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from unlearn_kernels.data.formats import TokenizedPairs, file_sha256, tokenizer_sha256
 from unlearn_kernels.hf import (
@@ -64,16 +69,30 @@ from unlearn_kernels.hf import (
     unwrap_model,
 )
 from unlearn_kernels.ops.chunking import accumulate_dtype, chunk_rows
+from unlearn_kernels.train.cache_manifest import (
+    CACHE_FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARD_PATTERN,
+    check_consistency,
+    differing_fields,
+    header,
+    header_text,
+    read_manifest,
+)
 
-CACHE_FORMAT = "unlearn-kernels/reference-cache"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SHARD_PATTERN = "shard-{:05d}.safetensors"
 DEFAULT_SHARD_BYTES = 256 * 2**20
 #: Elements hashed per tensor by a sampled (not full) weight fingerprint.
 SAMPLE_ELEMENTS = 4096
 ROW_FIELDS = ("label", "hidden", "topk_index", "topk_logprob", "tail_logprob", "label_logprob")
 _HIDDEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 #: Config keys that do not change the forward pass.
 _COSMETIC_CONFIG_KEYS = {
     "architectures",
@@ -154,21 +173,33 @@ def _hash_tensor(digest: Any, tensor: Tensor, full: bool) -> None:
     digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().data)
 
 
-def model_fingerprint(model: nn.Module, *, full: bool = True) -> dict[str, Any]:
+def model_fingerprint(
+    model: nn.Module, *, full: bool = True, progress: bool = False
+) -> dict[str, Any]:
     """Identity of the reference computed by ``model`` (with any PEFT adapters disabled).
 
     ``structure``: hash of parameter/buffer names, shapes and dtypes; ``weights``: hash of their
     values (every byte, or ``SAMPLE_ELEMENTS`` evenly spaced elements per tensor when not
     ``full``), including bitsandbytes quantisation state; ``config``: hash of the model config
-    without cosmetic keys.
+    without cosmetic keys. ``progress`` shows a progress bar (bytes hashed) on stderr.
     """
     base = unwrap_model(model)
     structure, weights = hashlib.sha256(), hashlib.sha256()
     n_parameters = 0
-    for name, tensor in _normalised_parameters(model):
+    named = _normalised_parameters(model)
+    total = sum(t.nbytes for _, t in named) if full else len(named)
+    bar = tqdm(
+        total=total,
+        desc="hashing weights" if full else "sampling weights",
+        unit="B" if full else "tensor",
+        unit_scale=full,
+        disable=not progress,
+    )
+    for name, tensor in named:
         structure.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         n_parameters += tensor.numel()
         _hash_tensor(weights, tensor, full)
+        bar.update(tensor.nbytes if full else 1)
         quant_state = getattr(tensor, "quant_state", None)
         if quant_state is not None:
             for key, value in sorted(quant_state.as_dict(packed=True).items()):
@@ -176,6 +207,7 @@ def model_fingerprint(model: nn.Module, *, full: bool = True) -> dict[str, Any]:
                 _hash_tensor(weights, value, full)
         if getattr(tensor, "SCB", None) is not None:
             _hash_tensor(weights, tensor.SCB, full)
+    bar.close()
     config = {
         key: value
         for key, value in base.config.to_dict().items()
@@ -258,8 +290,10 @@ class _ShardWriter:
     buffer, briefly holding it twice).
     """
 
-    def __init__(self, path: Path, names: Sequence[str], max_bytes: int) -> None:
-        self.path, self.names, self.max_bytes = path, names, max_bytes
+    def __init__(
+        self, path: Path, names: Sequence[str], max_bytes: int, metadata: dict[str, str]
+    ) -> None:
+        self.path, self.names, self.max_bytes, self.metadata = path, names, max_bytes, metadata
         self.pending: list[dict[str, Tensor]] = []
         self.pending_bytes = self.peak_bytes = 8
         self.next_example = 0
@@ -286,7 +320,7 @@ class _ShardWriter:
         for name in self.names:
             tensors[name] = torch.cat([e[name] for e in self.pending]).contiguous()
         file = self.path / SHARD_PATTERN.format(len(self.shards))
-        save_file(tensors, str(file), metadata={"format": CACHE_FORMAT})
+        save_file(tensors, str(file), metadata=self.metadata)
         _fsync(file)
         self.shards.append(
             {
@@ -313,6 +347,23 @@ def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     _fsync(path.parent)
 
 
+def _check_positive_int(name: str, value: object, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"{name} must be a positive int{' or None' if optional else ''}, got {value!r}"
+        )
+
+
+def _input_device(model: nn.Module, head: OutputHead) -> torch.device:
+    """Where the token ids go: the input embedding's device (under a ``device_map`` the
+    model's hooks move activations on from there), else the output layer's."""
+    embedding = unwrap_model(model).get_input_embeddings()
+    device = getattr(getattr(embedding, "weight", None), "device", None)
+    return head.weight.device if device is None or device.type == "meta" else device
+
+
 def build_reference_cache(
     model: nn.Module,
     data: TokenizedPairs,
@@ -325,12 +376,14 @@ def build_reference_cache(
     chunk_size: int | None = None,
     full_weight_hash: bool = True,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the frozen reference over ``data`` once and write a cache directory at ``path``.
 
     Args:
         model: a transformers causal LM, or a PEFT model whose adapters are disabled for the
-            pass (the reference is the base model).
+            pass (the reference is the base model); on any device or ``device_map``, its output
+            layer in memory.
         data: the examples, processed ``batch_size`` at a time (right-padded).
         settings: what to store (default :class:`CacheSettings`).
         tokenizer: recorded in the fingerprint when given.
@@ -338,66 +391,92 @@ def build_reference_cache(
         chunk_size: rows of reference logits formed at once (default: a 256 MiB budget).
         full_weight_hash: hash every weight byte (else a sample per tensor; faster on big models).
         overwrite: replace an existing cache at ``path``.
+        progress: progress bars on stderr for the weight hash and the pass over the data.
+
+    Every argument is checked before anything is written: a bad one leaves ``path`` untouched.
 
     Returns:
-        The manifest (also written to ``path/manifest.json``).
+        The manifest (also written to ``path/manifest.json``); its ``build_seconds`` is the
+        wall time of this call, fingerprinting included.
     """
+    started = time.perf_counter()
     settings = settings or CacheSettings()
+    if not isinstance(settings, CacheSettings):
+        raise ValueError(f"settings must be a CacheSettings, got {type(settings).__name__}")
     if not isinstance(data, TokenizedPairs):
         raise ValueError(f"data must be a TokenizedPairs, got {type(data).__name__}")
-    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("max_shard_bytes", max_shard_bytes)
+    _check_positive_int("chunk_size", chunk_size, optional=True)
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"path {str(path)!r} exists and is not a directory")
     if (path / MANIFEST).exists() and not overwrite:
         raise ValueError(f"path {str(path)!r} already holds a reference cache (overwrite=False)")
+    head = output_head(model)
+    if head.weight.device.type == "meta":
+        raise ValueError(
+            "model's output layer is offloaded (on the meta device): the reference logits need "
+            "lm_head in memory; use a device map that keeps it on a device"
+        )
+    vocab, hidden_size = head.weight.shape
+    if settings.topk > vocab:
+        raise ValueError(f"settings.topk={settings.topk} exceeds the vocabulary size {vocab}")
+    labels = data.labels()
+    manifest: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "version": FORMAT_VERSION,
+        "build_id": secrets.token_hex(16),
+        "settings": asdict(settings),
+        "fingerprint": {
+            "model": model_fingerprint(model, full=full_weight_hash, progress=progress),
+            "data": _data_fingerprint(data),
+            "tokenizer": None if tokenizer is None else tokenizer_sha256(tokenizer),
+        },
+        "hidden_size": hidden_size,
+        "vocab_size": vocab,
+        "n_examples": len(data),
+        "n_rows": int((labels != -100).sum()),
+    }
+
     path.mkdir(parents=True, exist_ok=True)
     (path / MANIFEST).unlink(missing_ok=True)
     for stale in path.glob("shard-*.safetensors"):
         stale.unlink()
-
-    started = time.perf_counter()
     names = settings.field_names()
-    writer = _ShardWriter(path, names, max_shard_bytes)
+    metadata = {"format": CACHE_FORMAT, "header": header_text(manifest)}
+    writer = _ShardWriter(path, names, max_shard_bytes, metadata)
     hidden_dtype = _HIDDEN_DTYPES[settings.hidden_dtype]
+    bar = tqdm(total=len(data), desc="reference pass", unit="example", disable=not progress)
     with frozen_forward(model, disable_adapters=True):
-        head = output_head(model)
-        device = head.weight.device
+        device = _input_device(model, head)
         for start, batch in data.batches(batch_size):
             ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
             if start == 0:
                 check_output_head(model, ids[:1], mask[:1])
             labels = batch.labels()
             valid = labels != -100
-            rows = final_hidden_states(model, ids, mask)[valid.to(device)]
+            states = final_hidden_states(model, ids, mask)
+            rows = states[valid.to(states.device)].to(head.weight.device)
             target = labels[valid]
             record = {"label": target.to(torch.int32)}
-            record.update(reference_rows(rows, head, target.to(device), settings, chunk_size))
+            record.update(reference_rows(rows, head, target.to(rows.device), settings, chunk_size))
             if settings.store_hidden:
                 record["hidden"] = rows.to(hidden_dtype)
             offsets = [0, *valid.sum(1).cumsum(0).tolist()]
             record = {name: record[name].cpu() for name in names}
             for first, end in itertools.pairwise(offsets):  # copies: no view pins the batch
                 writer.add({name: record[name][first:end].clone() for name in names})
+            bar.update(len(batch))
     writer.flush()
+    bar.close()
 
-    manifest = {
-        "format": CACHE_FORMAT,
-        "version": FORMAT_VERSION,
-        "settings": asdict(settings),
-        "fingerprint": {
-            "model": model_fingerprint(model, full=full_weight_hash),
-            "data": _data_fingerprint(data),
-            "tokenizer": None if tokenizer is None else tokenizer_sha256(tokenizer),
-        },
-        "hidden_size": head.weight.shape[1],
-        "vocab_size": head.weight.shape[0],
-        "n_examples": len(data),
-        "n_rows": sum(s["n_rows"] for s in writer.shards),
-        "max_shard_bytes": max_shard_bytes,
-        "peak_buffered_bytes": writer.peak_bytes,
-        "build_seconds": round(time.perf_counter() - started, 3),
-        "shards": writer.shards,
-    }
+    manifest.update(
+        max_shard_bytes=max_shard_bytes,
+        peak_buffered_bytes=writer.peak_bytes,
+        build_seconds=round(time.perf_counter() - started, 3),
+        shards=writer.shards,
+    )
     _write_json_atomically(path / MANIFEST, manifest)
     return manifest
 
@@ -435,6 +514,10 @@ class ReferenceBatch:
     def to_padded(self, name: str, labels: Tensor, ignore_index: int = -100) -> Tensor:
         """Field ``name`` scattered to ``labels``' ``[B, T]`` layout (zeros on ignored rows).
 
+        The result goes into the fused ops as it is, with the same ``labels``: e.g.
+        ``fused_linear_kl_topk(h, W, *(b.to_padded(f, labels) for f in ("topk_index",
+        "topk_logprob", "tail_logprob")), labels=labels)``; they never read ignored rows.
+
         ``labels`` must be this batch's examples in order; a row count or label that differs
         from the cache's is a ``ValueError`` (different data, tokenisation or order).
         """
@@ -445,7 +528,7 @@ class ReferenceBatch:
             raise ValueError(
                 f"labels must be [B, T] with B={len(self.example_index)}, got {list(labels.shape)}"
             )
-        valid = labels != ignore_index
+        valid = labels.long() != ignore_index
         if not torch.equal(valid.sum(1).cpu(), self.row_offsets.diff()):
             raise ValueError(
                 "labels have a different number of response rows per example than the cache: "
@@ -459,8 +542,14 @@ class ReferenceBatch:
 
 
 class ReferenceCache:
-    """A built cache, opened for reading. Checks the manifest, the shard sizes and every
-    fingerprint given; shards are hashed on first read when ``verify``.
+    """A built cache, opened for reading.
+
+    Opening validates ``manifest.json`` against its schema (see
+    :mod:`~unlearn_kernels.train.cache_manifest`: every field is checked or held to the shards)
+    and every shard's size, tensor shapes and copy of the manifest's header, then the
+    fingerprints given. Shards are hashed on first read when ``verify``, and every later read
+    checks that the shard still belongs to the cache that was opened, so a cache rebuilt or
+    edited under an open reader is refused rather than served.
 
     Args:
         path: the cache directory.
@@ -468,9 +557,12 @@ class ReferenceCache:
             or ``None`` to skip that check explicitly.
         data: the data it is used with (token content, and file hash when both are known),
             or ``None`` to skip.
-        tokenizer: checked when both it and the cache's are known.
+        tokenizer: checked when given and the cache records one (a cache built from
+            pre-tokenised data may not; its token content is checked through ``data``).
         settings: the settings expected (all fields must match), or ``None``.
         verify: check each shard's SHA-256 the first time it is read.
+
+    :meth:`open` opens with no inputs to compare against (the integrity checks only).
     """
 
     def __init__(
@@ -490,33 +582,111 @@ class ReferenceCache:
                 f"path {str(self.path)!r} holds no complete reference cache: {MANIFEST} is missing "
                 "(the build was interrupted or never run); rebuild it"
             )
+        self.manifest = read_manifest(manifest_file)
         try:
-            self.manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(
-                f"{manifest_file} is not valid JSON ({err}); rebuild the cache"
-            ) from err
-        if (
-            self.manifest.get("format") != CACHE_FORMAT
-            or self.manifest.get("version") != FORMAT_VERSION
-        ):
-            raise ValueError(
-                f"{manifest_file} is not a version-{FORMAT_VERSION} {CACHE_FORMAT} manifest"
-            )
-        self.settings = CacheSettings(**self.manifest["settings"])
-        for shard in self.manifest["shards"]:
-            file = self.path / shard["file"]
-            size = file.stat().st_size if file.is_file() else None
-            if size != shard["bytes"]:
-                raise ValueError(
-                    f"shard {file} is {'missing' if size is None else f'{size} bytes'}, the "
-                    f"manifest says {shard['bytes']}: the cache is truncated or damaged; rebuild it"
-                )
-        self._check_fingerprint(model, data, tokenizer, settings)
+            self.settings = CacheSettings(**self.manifest["settings"])
+        except ValueError as err:
+            raise ValueError(f"{manifest_file} field settings: {err}; rebuild the cache") from err
+        self._header = header(self.manifest)
         self.verify = verify
         self._verified: set[str] = set()
         self._offsets: dict[int, Tensor] = {}
         self._first = [s["first_example"] for s in self.manifest["shards"]]
+        for shard_id in range(len(self.manifest["shards"])):
+            with self._open_shard(shard_id, hash_check=False) as f:
+                self._check_shard_layout(shard_id, f)
+        check_consistency(manifest_file, self.manifest)
+        self._check_fingerprint(model, data, tokenizer, settings)
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> ReferenceCache:
+        """Open the cache at ``path`` with the checks that need no inputs: the manifest, the
+        shards' sizes, shapes and headers (and their SHA-256 on first read when ``verify``).
+        Nothing ties it to a model or data set: prefer the constructor when you have them."""
+        return cls(path, model=None, data=None, verify=verify)
+
+    def _shard_problem(self, shard_id: int, message: str) -> ValueError:
+        file = self.path / self.manifest["shards"][shard_id]["file"]
+        return ValueError(f"shard {file} {message}")
+
+    def _open_shard(self, shard_id: int, *, hash_check: bool = True) -> Any:
+        """The shard opened for reading, after checking that its size and header are those of
+        the cache opened (and, first time and with ``verify``, its SHA-256)."""
+        shard = self.manifest["shards"][shard_id]
+        file = self.path / shard["file"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != shard["bytes"]:
+            raise self._shard_problem(
+                shard_id,
+                f"is {'missing' if size is None else f'{size} bytes'}, field "
+                f"shards.{shard_id}.bytes of {MANIFEST} says {shard['bytes']}: the cache is "
+                "truncated, damaged or was rebuilt since it was opened; rebuild or reopen it",
+            )
+        if hash_check and self.verify and shard["file"] not in self._verified:
+            if file_sha256(file) != shard["sha256"]:
+                raise self._shard_problem(
+                    shard_id,
+                    f"does not match its SHA-256 (field shards.{shard_id}.sha256 of {MANIFEST}): "
+                    "the cache is damaged",
+                )
+            self._verified.add(shard["file"])
+        handle = safe_open(str(file), framework="pt")
+        try:
+            recorded = json.loads((handle.metadata() or {}).get("header", "null"))
+        except json.JSONDecodeError:
+            recorded = None
+        if recorded != self._header:
+            fields_ = differing_fields(self._header, recorded) if recorded else ["(all)"]
+            raise self._shard_problem(
+                shard_id,
+                f"records other values for {', '.join('field ' + f for f in fields_)} than "
+                f"{MANIFEST}: the manifest "
+                "was edited, or the cache was rebuilt since it was opened; rebuild or reopen it",
+            )
+        return handle
+
+    def _check_shard_layout(self, shard_id: int, f: Any) -> None:
+        """The shard's tensors (names, shapes, dtypes, bytes) are those its manifest entry and
+        the settings describe; read from the safetensors header only."""
+        shard = self.manifest["shards"][shard_id]
+        n, e = shard["n_rows"], shard["n_examples"]
+        s = self.settings
+        expected = {"row_offsets": ((e + 1,), torch.int64), "label": ((n,), torch.int32)}
+        if s.store_hidden:
+            expected["hidden"] = ((n, self.manifest["hidden_size"]), _HIDDEN_DTYPES[s.hidden_dtype])
+        if s.topk:
+            expected["topk_index"] = ((n, s.topk), torch.int32)
+            expected["topk_logprob"] = ((n, s.topk), torch.float32)
+            expected["tail_logprob"] = ((n,), torch.float32)
+        if s.store_label_logprob:
+            expected["label_logprob"] = ((n,), torch.float32)
+        found = {}
+        for name in f.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
+            piece = f.get_slice(name)
+            found[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype()))
+        for name, field, count in (
+            ("row_offsets", "n_examples", lambda shape: shape[0] - 1),
+            ("label", "n_rows", lambda shape: shape[0]),
+        ):
+            shape = found.get(name, expected[name])[0]
+            if shape != expected[name][0]:
+                raise ValueError(
+                    f"{self.path / MANIFEST} field shards.{shard_id}.{field}: {shard[field]} "
+                    f"but the shard holds {count(shape)}; rebuild the cache"
+                )
+        if found != expected:
+            wrong = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+            raise self._shard_problem(
+                shard_id, f"holds tensors {', '.join(wrong)} unlike the settings: rebuild the cache"
+            )
+        nbytes = sum(
+            torch.Size(shape).numel() * dtype.itemsize for shape, dtype in expected.values()
+        )
+        if nbytes != shard["tensor_bytes"]:
+            raise ValueError(
+                f"{self.path / MANIFEST} field shards.{shard_id}.tensor_bytes: "
+                f"{shard['tensor_bytes']} but the shard holds {nbytes}; rebuild the cache"
+            )
 
     def _check_fingerprint(
         self,
@@ -563,15 +733,6 @@ class ReferenceCache:
 
     def __len__(self) -> int:
         return self.manifest["n_examples"]
-
-    def _open_shard(self, shard_id: int) -> Any:
-        shard = self.manifest["shards"][shard_id]
-        file = self.path / shard["file"]
-        if self.verify and shard["file"] not in self._verified:
-            if file_sha256(file) != shard["sha256"]:
-                raise ValueError(f"shard {file} does not match its SHA-256: the cache is damaged")
-            self._verified.add(shard["file"])
-        return safe_open(str(file), framework="pt")
 
     def _row_offsets(self, shard_id: int) -> Tensor:
         if shard_id not in self._offsets:
