@@ -6,14 +6,26 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
-from hf_helpers import VOCAB, WORDS, lora, qlora_llama, random_pairs, tiny_llama, word_tokenizer
+from hf_helpers import (
+    VOCAB,
+    WORDS,
+    hf_word_tokenizer,
+    lora,
+    qlora_llama,
+    random_pairs,
+    tiny_llama,
+    word_tokenizer,
+)
 from oracle import generator, rel_err
 
+import unlearn_kernels as uk
+from unlearn_kernels import cli
 from unlearn_kernels.cli import main
-from unlearn_kernels.data import TokenizedPairs, load_pairs, save_pairs
+from unlearn_kernels.data import TokenizedPairs, load_pairs, load_tokenizer, save_pairs
 from unlearn_kernels.hf import causal_lm_loss, final_hidden_states
 from unlearn_kernels.train import reference_cache as rc
 from unlearn_kernels.train.reference_cache import (
@@ -28,7 +40,9 @@ TOL = 1e-5
 SETTINGS = CacheSettings(topk=5, temperature=2.0)
 
 
-def direct_reference(model: torch.nn.Module, data: TokenizedPairs, temperature: float) -> dict:
+def direct_reference(
+    model: torch.nn.Module, data: TokenizedPairs, temperature: float, topk: int = SETTINGS.topk
+) -> dict:
     """Per response row, straight from ``model``'s own forward and full logits, in float64."""
     labels = data.labels()
     valid = labels != -100
@@ -43,7 +57,7 @@ def direct_reference(model: torch.nn.Module, data: TokenizedPairs, temperature: 
         ).last_hidden_state
     logits = out.logits[valid].double()
     logp = logits.log_softmax(-1)
-    top, index = (logits / temperature).log_softmax(-1).topk(SETTINGS.topk, dim=1)
+    top, index = (logits / temperature).log_softmax(-1).topk(topk, dim=1)
     return {
         "label": labels[valid],
         "hidden": hidden[valid],
@@ -288,6 +302,7 @@ def test_jsonl_tokenisation_and_pretokenised_file(tmp_path):
 
 
 def test_cli_builds_a_cache_from_jsonl(tmp_path, capsys):
+    """A bare tokenizer.json has no BOS/EOS of its own: the model config's are used."""
     _, seed = generator()
     model = tiny_llama(seed)
     model.save_pretrained(tmp_path / "model")
@@ -303,26 +318,217 @@ def test_cli_builds_a_cache_from_jsonl(tmp_path, capsys):
         str(tmp_path / "tokenizer.json"),
         "--out",
         str(tmp_path / "c"),
-        "--bos-id",
-        "1",
+        "--eos-id",
+        "none",
         "--topk",
         "5",
         "--temperature",
         "2",
         "--shard-mib",
         "0.002",
+        "--device",
+        "cpu",
     ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_examples"] == 6 and summary["shards"] > 1
+    assert (summary["bos_token_id"], summary["eos_token_id"]) == (model.config.bos_token_id, None)
+    assert summary["seconds"] >= summary["build_seconds"] > 0
     tokenizer = word_tokenizer()
-    data = load_pairs(tmp_path / "d.jsonl", tokenizer, bos_token_id=1)
+    data = load_pairs(tmp_path / "d.jsonl", tokenizer, bos_token_id=model.config.bos_token_id)
     cache = ReferenceCache(
         tmp_path / "c", model=model, data=data, tokenizer=tokenizer, settings=SETTINGS
     )
     check_against(cache, direct_reference(model, data, 2.0), seed)
     assert main(argv) == 2  # exists already
-    assert "already holds" in capsys.readouterr().err
+    assert "--out" in (err := capsys.readouterr().err) and "--overwrite" in err
+
+
+def local_llama(tmp_path, seed: int):
+    """A tiny Llama saved with a Hugging Face tokenizer in one directory. The config's BOS/EOS
+    (3, 3) differ from the tokenizer's ([BOS] 1, [EOS] 2), so defaults show their source."""
+    model = tiny_llama(seed, bos_token_id=3, eos_token_id=3)
+    with torch.no_grad():  # logits of order 5, not the random init's 0.1: a peaked reference
+        model.lm_head.weight.mul_(50.0)
+    model.save_pretrained(tmp_path / "llama")
+    hf_word_tokenizer().save_pretrained(tmp_path / "llama")
+    pairs = [("w1 w2", "w3 w4"), ("w5", "w6 w7 w8"), ("w9 w10 w11", "w12")] * 2
+    write_jsonl(tmp_path / "d.jsonl", pairs)
+    return model, tmp_path / "llama", tmp_path / "d.jsonl"
+
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_:  # argparse's own errors
+        return int(exit_.code)
+
+
+def test_cli_default_flags_match_a_retokenised_dataset(tmp_path, capsys):
+    """Default flags: the tokenizer comes from --model, with its own BOS/EOS; the cache opens
+    for the data set tokenised again that way, and holds the model's reference."""
+    _, seed = generator()
+    model, model_dir, jsonl = local_llama(tmp_path, seed)
+    argv = ["cache", "--model", str(model_dir), "--data", str(jsonl), "--out", str(tmp_path / "c")]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["bos_token_id"], summary["eos_token_id"]) == (1, 2)
+    for tokenizer in (load_tokenizer(model_dir), load_tokenizer(model_dir / "tokenizer.json")):
+        data = load_pairs(jsonl, load_tokenizer(model_dir), bos_token_id=1, eos_token_id=2)
+        cache = uk.ReferenceCache(
+            tmp_path / "c", model=model, data=data, tokenizer=tokenizer, settings=CacheSettings()
+        )
+    assert (
+        data.input_ids[0, 0] == 1 and data.input_ids[0, int(data.attention_mask[0].sum()) - 1] == 2
+    )
+    check = cache.batch(range(len(cache)))
+    expected = direct_reference(model, data, 1.0, topk=32)
+    assert torch.equal(check.label, expected["label"]), seed
+    assert rel_err(check.hidden, expected["hidden"]) < TOL, seed
+
+
+@pytest.mark.parametrize("placement", [["--device", "cpu"], ["--device-map", "cpu"]])
+def test_cli_topk_with_full_vocabulary_equals_exact_kl(tmp_path, capsys, placement):
+    """k = V from the cache, straight into fused_linear_kl_topk as padded [B, T, k] tensors,
+    gives the exact KL against the cached hidden states (every reduction)."""
+    _, seed = generator()
+    reference, model_dir, jsonl = local_llama(tmp_path, seed)
+    out = tmp_path / "c"
+    argv = ["cache", "--model", str(model_dir), "--data", str(jsonl), "--out", str(out)]
+    assert main([*argv, "--topk", str(VOCAB), *placement]) == 0
+    capsys.readouterr()
+    tokenizer = load_tokenizer(model_dir)
+    data = load_pairs(jsonl, tokenizer, bos_token_id=1, eos_token_id=2)
+    cache = uk.ReferenceCache(tmp_path / "c", model=reference, data=data, tokenizer=tokenizer)
+    student = tiny_llama(seed + 1)  # another model: a KL of order 1
+    picked = [4, 1, 2]
+    batch, sub = cache.batch(picked), data.select(picked)
+    labels = sub.labels()
+    hidden = final_hidden_states(student, sub.input_ids, sub.attention_mask)
+    weight = reference.lm_head.weight.detach()
+    padded = {
+        name: batch.to_padded(name, labels)
+        for name in ("hidden", "topk_index", "topk_logprob", "tail_logprob")
+    }
+    assert bool((padded["topk_index"][labels == -100] == 0).all())  # padding rows: zeros
+    for reduction in ("mean", "sum", "none"):
+        exact = uk.fused_linear_kl(
+            hidden, weight, padded["hidden"], labels=labels, reduction=reduction
+        )
+        topk = uk.fused_linear_kl_topk(
+            hidden,
+            weight,
+            padded["topk_index"],
+            padded["topk_logprob"],
+            padded["tail_logprob"],
+            labels=labels,
+            reduction=reduction,
+        )
+        assert float(exact.abs().max()) > 0.1
+        assert rel_err(topk, exact) < 1e-5, (reduction, seed)
+        g_exact = torch.autograd.grad(exact.sum(), hidden, retain_graph=True)[0]
+        g_topk = torch.autograd.grad(topk.sum(), hidden, retain_graph=True)[0]
+        assert rel_err(g_topk, g_exact) < 1e-5, (reduction, seed)
+
+
+BAD_FLAGS = [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "two"], "--batch-size"),
+    (["--topk", "-1"], "--topk"),
+    (["--topk", str(VOCAB + 1)], "--topk"),
+    (["--temperature", "0"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--shard-mib", "0"], "--shard-mib"),
+    (["--shard-mib", "1e-9"], "--shard-mib"),
+    (["--chunk-size", "0"], "--chunk-size"),
+    (["--max-length", "1"], "--max-length"),
+    (["--bos-id", "-2"], "--bos-id"),
+    (["--eos-id", "x"], "--eos-id"),
+    (["--device", "nonsense"], "--device"),
+    (["--device", "meta"], "--device"),
+    (["--device", "cuda:0"], "--device"),
+    (["--device", "cpu", "--device-map", "auto"], "--device-map"),
+    (["--tokenizer", "/nonexistent/tokenizer.json"], "--tokenizer"),
+    (["--hidden-dtype", "int8"], "--hidden-dtype"),
+]
+
+
+@pytest.mark.parametrize(("extra", "flag"), BAD_FLAGS, ids=[" ".join(e) for e, _ in BAD_FLAGS])
+def test_cli_checks_every_flag_before_loading(tmp_path, capsys, monkeypatch, extra, flag):
+    """A bad flag is an exit status 2 naming the flag, before any model or tokenizer is loaded,
+    and leaves no directory behind."""
+    if flag == "--device" and extra[1] == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    _, model_dir, jsonl = local_llama(tmp_path, 0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loaded before every flag was checked")
+
+    monkeypatch.setattr(cli, "_load_model", refuse)
+    monkeypatch.setattr("unlearn_kernels.data.formats.load_tokenizer", refuse)
+    out = tmp_path / "deep" / "c"
+    argv = ["cache", "--model", str(model_dir), "--data", str(jsonl), "--out", str(out)]
+    assert run_cli([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert flag in err, err
+    assert "=" not in err.split("error:")[-1].split(flag)[0], err  # no Python argument names
+    assert not (tmp_path / "deep").exists()
+
+
+def test_cli_checks_paths_before_loading(tmp_path, capsys, monkeypatch):
+    _, model_dir, jsonl = local_llama(tmp_path, 0)
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("loaded"))
+    (tmp_path / "d.txt").write_text("x")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text("{}")
+    base = {"--model": str(model_dir), "--data": str(jsonl), "--out": str(tmp_path / "c")}
+    for override, flag in [
+        ({"--model": str(tmp_path)}, "--model"),
+        ({"--data": str(tmp_path / "none.jsonl")}, "--data"),
+        ({"--data": str(tmp_path / "d.txt")}, "--data"),
+        ({"--out": str(tmp_path / "file")}, "--out"),
+        ({"--model": str(tmp_path / "bare")}, "--tokenizer"),  # .jsonl and no tokenizer
+    ]:
+        argv = ["cache", *[x for kv in {**base, **override}.items() for x in kv]]
+        assert run_cli(argv) == 2
+        assert flag in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_progress_bars_and_honest_build_time(tmp_path, capsys, monkeypatch):
+    """``progress`` shows the weight hash and the reference pass; ``build_seconds`` covers the
+    whole build, fingerprinting included."""
+    gen, _ = generator()
+    model, data = tiny_llama(0), random_pairs(gen, 5)
+    real = rc.model_fingerprint
+
+    def slow_fingerprint(*args, **kwargs):
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rc, "model_fingerprint", slow_fingerprint)
+    manifest = build_reference_cache(model, data, tmp_path / "c", SETTINGS, progress=True)
+    err = capsys.readouterr().err
+    assert "hashing weights" in err and "reference pass" in err and "5/5" in err
+    assert manifest["build_seconds"] >= 0.3
+    build_reference_cache(model, data, tmp_path / "q", SETTINGS)
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_arguments_leave_no_directory(tmp_path):
+    gen, _ = generator()
+    model, data = tiny_llama(0), random_pairs(gen, 2)
+    for kwargs in (
+        {"batch_size": 0},
+        {"chunk_size": 0},
+        {"max_shard_bytes": 0},
+        {"settings": CacheSettings(topk=VOCAB + 1)},
+        {"settings": {"topk": 3}},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            build_reference_cache(model, data, tmp_path / "x" / "c", **kwargs)
+        assert not (tmp_path / "x").exists()
 
 
 def test_qlora_reference_cache_keeps_training_possible(tmp_path):

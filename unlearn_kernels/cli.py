@@ -8,41 +8,172 @@ an adapter with one of :mod:`unlearn_kernels.methods` as the run config says (se
 ``unlearn-kernels cache --model DIR --data FILE --out DIR [options]`` runs the frozen
 reference model once over a data set and writes a reference cache (see
 :mod:`unlearn_kernels.train.reference_cache`). ``--data`` is a ``.jsonl`` file of
-``{"prompt": ..., "response": ...}`` lines (with ``--tokenizer``) or a pre-tokenised
-``.safetensors`` file (see :mod:`unlearn_kernels.data.formats`). Models and tokenizers are read
-from local paths only.
+``{"prompt": ..., "response": ...}`` lines (tokenised with ``--tokenizer``, by default the
+model directory's tokenizer, with its own BOS/EOS) or a pre-tokenised ``.safetensors`` file
+(see :mod:`unlearn_kernels.data.formats`). Models and tokenizers are read from local paths
+only. Every flag is checked before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 _MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Placement strategies of accelerate's ``device_map`` (a device name is accepted too).
+_DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+#: Default of --bos-id / --eos-id: the tokenizer's own.
+_TOKENIZER_DEFAULT = object()
 
 
-def _load_model(path: str, dtype: str, load_in_4bit: bool) -> torch.nn.Module:
-    """A local transformers causal LM, optionally quantised to bitsandbytes nf4."""
+# ---- flag types: argparse names the flag in its error ------------------------------------
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
+    return value
+
+
+def _token_id(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    return _int_at_least(0)(text)
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r}") from None
+
+
+# ---- checks that need several flags or the file system -----------------------------------
+
+
+def _model_vocab_size(model_dir: Path) -> int | None:
+    """``vocab_size`` from the model's ``config.json`` (no weights read), if it states one."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model {str(model_dir)!r}: config.json unreadable ({err})") from err
+    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    return vocab if isinstance(vocab, int) else None
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked without loading the model or the tokenizer."""
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r} is not a local model directory (no config.json)")
+    vocab = _model_vocab_size(model_dir)
+    if vocab is not None and args.topk > vocab:
+        raise ValueError(f"--topk {args.topk} exceeds the model's vocabulary size {vocab}")
+    data = Path(args.data)
+    if not data.is_file():
+        raise ValueError(f"--data {args.data!r} is not a file")
+    if data.suffix not in (".jsonl", ".safetensors"):
+        raise ValueError(f"--data must end in .jsonl or .safetensors, got {data.name!r}")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise ValueError(f"--tokenizer {args.tokenizer!r} does not exist")
+    if data.suffix == ".jsonl" and args.tokenizer is None and not _has_tokenizer(model_dir):
+        raise ValueError(
+            f"--data {data.name} needs a tokenizer: --model {args.model!r} holds none "
+            f"({', '.join(_TOKENIZER_FILES)}); pass --tokenizer"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a directory")
+    if (out / "manifest.json").exists() and not args.overwrite:
+        raise ValueError(
+            f"--out {str(out)!r} already holds a reference cache: pass --overwrite to replace it"
+        )
+    if int(args.shard_mib * 2**20) < 1:
+        raise ValueError(f"--shard-mib {args.shard_mib} is below one byte")
+    if args.device_map is not None:
+        if args.device is not None:
+            raise ValueError("pass --device or --device-map, not both")
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError("--device-map needs accelerate: pip install 'unlearn-kernels[hf]'")
+        if args.device_map not in _DEVICE_MAP_STRATEGIES:
+            _device_available("--device-map", _device(args.device_map))
+    if args.device is not None:
+        _device_available("--device", args.device)
+    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load-in-4bit needs bitsandbytes: pip install 'unlearn-kernels[qlora]'")
+
+
+def _device_available(flag: str, device: torch.device) -> None:
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise ValueError(f"{flag} {device}: that device is not available here")
+
+
+# ---- loading -----------------------------------------------------------------------------
+
+
+def _load_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The local transformers causal LM, optionally quantised to bitsandbytes nf4, placed on
+    ``--device`` or by ``--device-map`` (default: CPU)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    if not Path(path).is_dir():
-        raise ValueError(f"--model {path!r} is not a local model directory")
-    kwargs = {"dtype": _MODEL_DTYPES[dtype], "local_files_only": True}
-    if load_in_4bit:
+    dtype = _MODEL_DTYPES[args.model_dtype]
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
+    if args.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=_MODEL_DTYPES[dtype],
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if args.device_map is not None:
+        kwargs["device_map"] = args.device_map
+    elif args.device is not None and args.device.type != "cpu":
+        kwargs["device_map"] = {"": str(args.device)}
+    return AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+
+
+def _special_ids(tokenizer: Any, model_dir: Path) -> tuple[int | None, int | None]:
+    """The tokenizer's own BOS/EOS ids; a bare ``tokenizers.Tokenizer`` (a ``tokenizer.json``
+    file) has none, so the model config's are used."""
+    if hasattr(tokenizer, "bos_token_id") or hasattr(tokenizer, "eos_token_id"):
+        return getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    ids = [config.get(key) for key in ("bos_token_id", "eos_token_id")]
+    return tuple(i if isinstance(i, int) else None for i in ids)
 
 
 def _cache(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    _check_args(args)
     from unlearn_kernels.data.formats import load_pairs, load_tokenizer
     from unlearn_kernels.train.reference_cache import CacheSettings, build_reference_cache
 
@@ -53,15 +184,19 @@ def _cache(args: argparse.Namespace) -> int:
         store_label_logprob=not args.no_label_logprob,
         hidden_dtype=args.hidden_dtype,
     )
-    tokenizer = None if args.tokenizer is None else load_tokenizer(args.tokenizer)
-    data = load_pairs(
-        args.data,
-        tokenizer,
-        bos_token_id=args.bos_id,
-        eos_token_id=args.eos_id,
-        max_length=args.max_length,
-    )
-    model = _load_model(args.model, args.model_dtype, args.load_in_4bit)
+    model_dir = Path(args.model)
+    tokenizer_path = args.tokenizer or (model_dir if _has_tokenizer(model_dir) else None)
+    tokenizer = None if tokenizer_path is None else load_tokenizer(tokenizer_path)
+    bos, eos = (None, None) if tokenizer is None else _special_ids(tokenizer, model_dir)
+    bos = bos if args.bos_id is _TOKENIZER_DEFAULT else args.bos_id
+    eos = eos if args.eos_id is _TOKENIZER_DEFAULT else args.eos_id
+    try:
+        data = load_pairs(
+            args.data, tokenizer, bos_token_id=bos, eos_token_id=eos, max_length=args.max_length
+        )
+    except ValueError as err:
+        raise ValueError(f"--data {args.data}: {err}") from err
+    model = _load_model(args)
     manifest = build_reference_cache(
         model,
         data,
@@ -73,13 +208,17 @@ def _cache(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         full_weight_hash=not args.sample_weight_hash,
         overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
     )
     summary = {
         "path": str(args.out),
         "n_examples": manifest["n_examples"],
         "n_rows": manifest["n_rows"],
         "shards": len(manifest["shards"]),
-        "seconds": manifest["build_seconds"],
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "build_seconds": manifest["build_seconds"],
+        "seconds": round(time.perf_counter() - started, 3),
     }
     print(json.dumps(summary))
     return 0
@@ -121,12 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--model", required=True, help="local transformers model directory")
     cache.add_argument("--data", required=True, help=".jsonl (prompt/response) or .safetensors")
     cache.add_argument("--out", required=True, type=Path, help="cache directory to write")
-    cache.add_argument("--tokenizer", help="tokenizer.json or a tokenizer directory (for .jsonl)")
-    cache.add_argument("--bos-id", type=int, help="token id put before each prompt")
-    cache.add_argument("--eos-id", type=int, help="token id put after each response")
-    cache.add_argument("--max-length", type=int, help="cut sequences to this many tokens")
-    cache.add_argument("--topk", type=int, default=32, help="top-k log-probs per token (0: none)")
-    cache.add_argument("--temperature", type=float, default=1.0, help="temperature of the top-k")
+    cache.add_argument(
+        "--tokenizer", help="tokenizer.json or a tokenizer directory (default: --model's)"
+    )
+    cache.add_argument(
+        "--bos-id",
+        type=_token_id,
+        default=_TOKENIZER_DEFAULT,
+        help="token id put before each prompt, or 'none' (default: the tokenizer's BOS)",
+    )
+    cache.add_argument(
+        "--eos-id",
+        type=_token_id,
+        default=_TOKENIZER_DEFAULT,
+        help="token id put after each response, or 'none' (default: the tokenizer's EOS)",
+    )
+    cache.add_argument(
+        "--max-length", type=_int_at_least(2), help="cut sequences to this many tokens"
+    )
+    cache.add_argument(
+        "--topk", type=_int_at_least(0), default=32, help="top-k log-probs per token (0: none)"
+    )
+    cache.add_argument(
+        "--temperature", type=_positive_float, default=1.0, help="temperature of the top-k"
+    )
     cache.add_argument("--no-hidden", action="store_true", help="do not store hidden states")
     cache.add_argument(
         "--no-label-logprob", action="store_true", help="do not store label log-probs"
@@ -134,9 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--hidden-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
     cache.add_argument("--model-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
     cache.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 reference")
-    cache.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
-    cache.add_argument("--shard-mib", type=float, default=256.0, help="max tensor MiB per shard")
-    cache.add_argument("--chunk-size", type=int, help="rows of reference logits at once")
+    cache.add_argument(
+        "--device", type=_device, help="device of the reference model, e.g. cuda:0 (default: cpu)"
+    )
+    cache.add_argument(
+        "--device-map",
+        help=f"accelerate device map: {', '.join(_DEVICE_MAP_STRATEGIES)} or a device",
+    )
+    cache.add_argument(
+        "--batch-size", type=_int_at_least(1), default=8, help="examples per forward pass"
+    )
+    cache.add_argument(
+        "--shard-mib", type=_positive_float, default=256.0, help="max tensor MiB per shard"
+    )
+    cache.add_argument(
+        "--chunk-size", type=_int_at_least(1), help="rows of reference logits at once"
+    )
     cache.add_argument(
         "--sample-weight-hash", action="store_true", help="fingerprint a sample of each weight"
     )
