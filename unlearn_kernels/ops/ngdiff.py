@@ -64,6 +64,10 @@ class _Plan(NamedTuple):
 
 
 def _as_list(name: str, value: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    if not isinstance(value, (Tensor, list, tuple)):
+        raise ValueError(
+            f"{name} must be a tensor or a list/tuple of tensors, got {type(value).__name__}"
+        )
     tensors = [value] if isinstance(value, Tensor) else list(value)
     if not tensors:
         raise ValueError(f"{name} must hold at least one tensor")
