@@ -1,19 +1,26 @@
 // Cross-entropy epilogue of the CPU backend. The contract (and readable reference) is
-// unlearn_kernels/backends/torch_backend.py: ce_forward / ce_backward.
+// unlearn_kernels/backends/torch_backend.py: ce_forward / ce_backward, with the per-row options
+// of unlearn_kernels/_options.py:CERowMath.
 //
 // For a chunk of logits x [n, V] (contiguous; fp32, bf16 or fp16 with all math in fp32; fp64,
-// for gradcheck, in a plain double loop):
+// for gradcheck, in a plain double loop), class weights c (all ones without them), C = Σ_v c_v:
 //   z = c·tanh(x/c) with softcap c (z = x without),   lse_i = log Σ_v exp(z_iv) (returned fp64),
-//   loss_i = lse_i − z_{i,y_i},
-//   gradient (only when grad_scale s is given), written over x in x's dtype:
-//     x_iv ← s_i · (exp(z_iv − lse_i) − [v = y_i]) · ∂z/∂x,   ∂z/∂x = 1 − (z/c)² (or 1).
+//   nll_i = lse_i − z_{i,y},  CE_i = (1 − ε) c_y nll_i + (ε/V) (C·nll_i − Σ_v c_v (z_v − z_y)),
+//   loss_i = π_i (CE_i + c_y s lse_i²),  π_i = exp(−nll_i) with token scaling, else 1;
+//   gradient (only when grad_scale a is given), written over x in x's dtype:
+//     x_iv ← aπ (P p_iv − (ε/V) c_v − [v = y] (1 − ε) c_y) · ∂z/∂x,
+//     P = (1 − ε) c_y + εC/V + 2 s c_y lse_i,   ∂z/∂x = 1 − (z/c)² (or 1).
+// Every option at its default gives loss = nll and x ← a (p − e_y), the plain cross-entropy.
 //
 // One parallel sweep over rows (at::parallel_for). Per row, pass 1 reads the row once for an
 // online max + sum of exp (per-lane running max, the sum rescaled only when the max moves,
-// Kahan-compensated); pass 2 (gradient only) reads it again (usually from L2: one fp32 row of
+// Kahan-compensated), and, when asked, Σ_v c_v (z_v − z_y) (label smoothing) and the argmax;
+// pass 2 (gradient only) reads it again (usually from L2: one fp32 row of
 // a 128k vocabulary is 0.5 MB), recomputes exp and stores the gradient in place. exp is only
 // ever taken of a shifted logit (z − max, or z − fp32(lse)), with the shift exact near the
-// maximum, so logits of order ±1e4 keep full fp32 accuracy.
+// maximum, so logits of order ±1e4 keep full fp32 accuracy. Options that are off cost nothing:
+// smoothing, class weights and the argmax are template parameters of the row loops, and the
+// rest are per-row scalars.
 
 #include "vec_math.h"  // first: selects ATen's AVX2 vectors
 
@@ -25,6 +32,8 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 
 #include "registry.h"
 #include "row_sweep.h"
@@ -119,62 +128,198 @@ struct OnlineLse {
   }
 };
 
-// Pass 1 over one row: row max and Σ exp(z − max).
-template <typename T, bool kCap>
-inline void row_lse(const T* row, int64_t V, const Cap& c, float& row_max, double& row_sum) {
+// Label smoothing modes (template parameter kSmooth): off, uniform (no class weights), weighted.
+constexpr int kNoSmooth = 0;
+constexpr int kUniform = 1;
+constexpr int kWeighted = 2;
+
+// Per-lane Kahan sum of c_v (z_v − z_y) (c_v = 1 when uniform). Masked lanes hold z_y (and, when
+// weighted, c_v = 0), so they add 0.
+struct Spread {
+  Vec s{0.f};
+  Vec comp{0.f};
+
+  UK_INLINE void add(const Vec& t) {
+    const Vec y = t - comp;
+    const Vec sum = s + y;
+    comp = (sum - s) - y;
+    s = sum;
+  }
+
+  inline double finish() const {
+    alignas(64) float ss[kLanes], cc[kLanes];
+    s.store(ss);
+    comp.store(cc);
+    double total = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) total += static_cast<double>(ss[l]) - cc[l];
+    return total;
+  }
+};
+
+// Per-lane argmax: the running best value and the column where it first occurred (columns
+// held as floats, exact below 2^24).
+struct ArgMax {
+  Vec best{-std::numeric_limits<float>::infinity()};
+  Vec col{0.f};
+
+  UK_INLINE void add(const Vec& z, int64_t first) {
+    const Vec cols = Vec::arange(static_cast<float>(first), 1.f);
+    const Vec better = z > best;  // strict: the first occurrence wins within a lane
+    best = Vec::blendv(best, z, better);
+    col = Vec::blendv(col, cols, better);
+  }
+
+  // The largest value's smallest column (lanes that only saw padding, column ≥ V, are skipped).
+  inline int64_t finish(int64_t V) const {
+    alignas(64) float bb[kLanes], cc[kLanes];
+    best.store(bb);
+    col.store(cc);
+    int64_t arg = 0;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const auto c = static_cast<int64_t>(cc[l]);
+      if (c >= V) continue;
+      if (bb[l] > top || (bb[l] == top && c < arg)) {
+        top = bb[l];
+        arg = c;
+      }
+    }
+    return arg;
+  }
+};
+
+// What pass 1 finds in a row.
+struct RowStats {
+  float max;      // M
+  double sum;     // Σ exp(z − M)
+  double spread;  // Σ_v c_v (z_v − z_y) (smoothing only)
+  int64_t argmax;
+};
+
+// Pass 1 over one row: row max, Σ exp(z − max) and, when asked, the smoothing spread and the
+// argmax.
+template <typename T, bool kCap, int kSmooth, bool kArgmax>
+inline RowStats row_stats(const T* row, int64_t V, const Cap& c, const float* cw, float z_y) {
   OnlineLse acc;
+  Spread spread;
+  ArgMax best;
+  const Vec zy(z_y);
+  // Fold 4 vectors of z (columns j, j + kLanes, ...); w: class weights of those columns.
+  auto fold = [&](int64_t j, const Vec& z0, const Vec& z1, const Vec& z2, const Vec& z3) {
+    acc.add(z0, z1, z2, z3);
+    if constexpr (kSmooth == kUniform) {
+      spread.add(((z0 - zy) + (z1 - zy)) + ((z2 - zy) + (z3 - zy)));
+    } else if constexpr (kSmooth == kWeighted) {
+      Vec w0, w1, w2, w3;
+      Io<float>::load(cw + j, w0, w1);
+      Io<float>::load(cw + j + kStep, w2, w3);
+      spread.add(((z0 - zy) * w0 + (z1 - zy) * w1) + ((z2 - zy) * w2 + (z3 - zy) * w3));
+    }
+    if constexpr (kArgmax) {
+      best.add(z0, j);
+      best.add(z1, j + kLanes);
+      best.add(z2, j + 2 * kLanes);
+      best.add(z3, j + 3 * kLanes);
+    }
+  };
   Vec x0, x1, x2, x3;
   int64_t j = 0;
   for (; j + kTile <= V; j += kTile) {
     Io<T>::load(row + j, x0, x1);
     Io<T>::load(row + j + kStep, x2, x3);
-    acc.add(to_z<kCap>(x0, c), to_z<kCap>(x1, c), to_z<kCap>(x2, c), to_z<kCap>(x3, c));
+    fold(j, to_z<kCap>(x0, c), to_z<kCap>(x1, c), to_z<kCap>(x2, c), to_z<kCap>(x3, c));
   }
   const int64_t rest = V - j;
   if (rest > 0) {
-    const Vec low(kLowest);
     const int64_t n0 = std::min(rest, kStep);
     const int64_t n1 = rest - n0;
+    Vec z0 = zy, z1 = zy, z2 = zy, z3 = zy;
     Io<T>::load(row + j, n0, x0, x1);
-    Vec z0 = Vec::set(low, to_z<kCap>(x0, c), std::min(n0, kLanes));
-    Vec z1 = Vec::set(low, to_z<kCap>(x1, c), std::max<int64_t>(n0 - kLanes, 0));
-    Vec z2 = low, z3 = low;
+    z0 = to_z<kCap>(x0, c);
+    z1 = to_z<kCap>(x1, c);
     if (n1 > 0) {
       Io<T>::load(row + j + kStep, n1, x2, x3);
-      z2 = Vec::set(low, to_z<kCap>(x2, c), std::min(n1, kLanes));
-      z3 = Vec::set(low, to_z<kCap>(x3, c), std::max<int64_t>(n1 - kLanes, 0));
+      z2 = to_z<kCap>(x2, c);
+      z3 = to_z<kCap>(x3, c);
+    }
+    // Padding lanes: kLowest for the max and the sums of exp (exp(kLowest − m) = 0) and the
+    // argmax (it is skipped there as column ≥ V unless the row is that short); z_y for the
+    // spread, so that they add 0 to it.
+    const Vec low(kLowest);
+    const int64_t counts[4] = {std::min(n0, kLanes), std::max<int64_t>(n0 - kLanes, 0),
+                               std::min(n1, kLanes), std::max<int64_t>(n1 - kLanes, 0)};
+    Vec* zs[4] = {&z0, &z1, &z2, &z3};
+    Vec spread_z[4];
+    for (int k = 0; k < 4; ++k) {
+      spread_z[k] = Vec::set(zy, *zs[k], counts[k]);
+      *zs[k] = Vec::set(low, *zs[k], counts[k]);
     }
     acc.add(z0, z1, z2, z3);
+    if constexpr (kSmooth != kNoSmooth) {
+      if constexpr (kSmooth == kUniform) {
+        spread.add(((spread_z[0] - zy) + (spread_z[1] - zy)) +
+                   ((spread_z[2] - zy) + (spread_z[3] - zy)));
+      } else {
+        Vec w0, w1, w2, w3;
+        Io<float>::load(cw + j, n0, w0, w1);
+        w2 = w3 = Vec(0.f);
+        if (n1 > 0) Io<float>::load(cw + j + kStep, n1, w2, w3);
+        spread.add(((spread_z[0] - zy) * w0 + (spread_z[1] - zy) * w1) +
+                   ((spread_z[2] - zy) * w2 + (spread_z[3] - zy) * w3));
+      }
+    }
+    if constexpr (kArgmax) {
+      best.add(z0, j);
+      best.add(z1, j + kLanes);
+      best.add(z2, j + 2 * kLanes);
+      best.add(z3, j + 3 * kLanes);
+    }
   }
-  acc.finish(row_max, row_sum);
+  RowStats out{};
+  acc.finish(out.max, out.sum);
+  if constexpr (kSmooth != kNoSmooth) out.spread = spread.finish();
+  if constexpr (kArgmax) out.argmax = best.finish(V);
+  return out;
 }
 
-// Gradient of kLanes logits: k·exp(z − shift)·∂z/∂x.
-template <bool kCap>
-UK_INLINE Vec grad_vec(const Vec& x, const Vec& shift, const Vec& k, const Cap& c) {
+// Gradient of kLanes logits: (k·exp(z − shift) − kc·w)·∂z/∂x (the kc term with smoothing only;
+// w = 1 when uniform).
+template <bool kCap, int kSmooth>
+UK_INLINE Vec grad_vec(const Vec& x, const Vec& shift, const Vec& k, const Vec& kc, const Vec& w,
+                       const Cap& c) {
+  Vec d, z;
   if constexpr (kCap) {
-    Vec d;
-    const Vec z = Vec(c.cap) * tanh_vec<true>(x * Vec(c.inv_cap), &d);
-    return exp_vec(z - shift) * k * d;
+    z = Vec(c.cap) * tanh_vec<true>(x * Vec(c.inv_cap), &d);
   } else {
-    return exp_vec(x - shift) * k;
+    z = x;
   }
+  Vec g = exp_vec(z - shift) * k;
+  if constexpr (kSmooth == kUniform) g = g - kc;
+  if constexpr (kSmooth == kWeighted) g = g - kc * w;
+  if constexpr (kCap) g = g * d;
+  return g;
 }
 
-// Pass 2 over one row: x_v ← k·exp(z_v − shift)·∂z/∂x for every v (the target is fixed after).
-template <typename T, bool kCap>
-inline void row_grad(T* row, int64_t V, float shift_f, float k_f, const Cap& c) {
-  const Vec shift(shift_f), k(k_f);
-  Vec x0, x1;
+// Pass 2 over one row: x_v ← (k·exp(z_v − shift) − kc·c_v)·∂z/∂x for every v (the target is
+// fixed after).
+template <typename T, bool kCap, int kSmooth>
+inline void row_grad(T* row, int64_t V, float shift_f, float k_f, float kc_f, const float* cw,
+                     const Cap& c) {
+  const Vec shift(shift_f), k(k_f), kc(kc_f);
+  Vec x0, x1, w0(1.f), w1(1.f);
   int64_t j = 0;
   for (; j + kStep <= V; j += kStep) {
     Io<T>::load(row + j, x0, x1);
-    Io<T>::store(row + j, grad_vec<kCap>(x0, shift, k, c), grad_vec<kCap>(x1, shift, k, c));
+    if constexpr (kSmooth == kWeighted) Io<float>::load(cw + j, w0, w1);
+    Io<T>::store(row + j, grad_vec<kCap, kSmooth>(x0, shift, k, kc, w0, c),
+                 grad_vec<kCap, kSmooth>(x1, shift, k, kc, w1, c));
   }
   const int64_t rest = V - j;
   if (rest > 0) {
     Io<T>::load(row + j, rest, x0, x1);
-    Io<T>::store(row + j, rest, grad_vec<kCap>(x0, shift, k, c), grad_vec<kCap>(x1, shift, k, c));
+    if constexpr (kSmooth == kWeighted) Io<float>::load(cw + j, rest, w0, w1);
+    Io<T>::store(row + j, rest, grad_vec<kCap, kSmooth>(x0, shift, k, kc, w0, c),
+                 grad_vec<kCap, kSmooth>(x1, shift, k, kc, w1, c));
   }
 }
 
@@ -182,49 +327,100 @@ inline Cap make_cap(std::optional<double> softcap) {
   return softcap ? Cap{static_cast<float>(*softcap), static_cast<float>(1.0 / *softcap)} : Cap{};
 }
 
-template <typename T, bool kCap>
+// The per-row options (CERowMath) as the kernels use them.
+struct CeMath {
+  double eps = 0.0;        // label smoothing ε
+  double class_sum = 0.0;  // C = Σ_v c_v (V without class weights)
+  double z_scale = 0.0;    // s of the z-loss
+  bool token_scaling = false;
+  int64_t V = 1;
+
+  // (ℓ, π Z) of a row from nll, lse, c_y and the smoothing spread Σ_v c_v (z_v − z_y).
+  std::pair<double, double> loss(double nll, double lse, double c_y, double spread) const {
+    double ce = c_y * nll;
+    if (eps > 0.0) ce = (1.0 - eps) * ce + eps / static_cast<double>(V) * (class_sum * nll - spread);
+    double z_part = c_y * z_scale * lse * lse;
+    if (token_scaling) {
+      const double pi = std::exp(-nll);
+      ce *= pi;
+      z_part *= pi;
+    }
+    return {ce + z_part, z_part};
+  }
+};
+
+// Gradient factors of a row with scale s: g_v = a (P p_v − (ε/V) c_v), and at the target
+// g_y = a (P p_y − c_eps), c_eps = (1 − ε + ε/V) c_y (the ε/V·c_y of the smoothing included).
+struct GradFactors {
+  double a, P, kc, c_eps;
+
+  GradFactors(const CeMath& m, double s, double nll, double lse, double c_y) {
+    const double inv_v = 1.0 / static_cast<double>(m.V);
+    a = m.token_scaling ? s * std::exp(-nll) : s;
+    P = (1.0 - m.eps) * c_y + m.eps * m.class_sum * inv_v + 2.0 * m.z_scale * c_y * lse;
+    kc = a * m.eps * inv_v;
+    c_eps = (1.0 - m.eps + m.eps * inv_v) * c_y;
+  }
+};
+
+// Per-row outputs of the forward (pointers are null when not asked).
+struct RowOut {
+  float* loss;
+  double* lse;
+  float* z_part;
+  int64_t* argmax;
+};
+
+template <typename T, bool kCap, int kSmooth, bool kArgmax>
 void ce_forward_impl(T* x, int64_t n, int64_t V, const int64_t* target, const float* grad_scale,
-                     const Cap& c, float* loss, double* lse) {
+                     const float* cw, const CeMath& m, const Cap& c, const RowOut& out) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const int64_t y = target[i];
       float z_y, dz_y;
       target_z<kCap>(static_cast<float>(row[y]), c, z_y, dz_y);
-      float row_max;
-      double row_sum;
-      row_lse<T, kCap>(row, V, c, row_max, row_sum);
-      const double log_sum = std::log(row_sum);
-      loss[i] = static_cast<float>((static_cast<double>(row_max) - z_y) + log_sum);
-      lse[i] = row_max + log_sum;
+      const RowStats st = row_stats<T, kCap, kSmooth, kArgmax>(row, V, c, cw, z_y);
+      const double log_sum = std::log(st.sum);
+      const double nll = (static_cast<double>(st.max) - z_y) + log_sum;
+      const double lse = st.max + log_sum;
+      const double c_y = cw != nullptr ? cw[y] : 1.0;
+      const auto [loss, z_part] = m.loss(nll, lse, c_y, st.spread);
+      out.loss[i] = static_cast<float>(loss);
+      out.lse[i] = lse;
+      if (out.z_part != nullptr) out.z_part[i] = static_cast<float>(z_part);
+      if constexpr (kArgmax) out.argmax[i] = st.argmax;
       if (grad_scale != nullptr) {
-        const double s = grad_scale[i];
+        const GradFactors f(m, grad_scale[i], nll, lse, c_y);
         // exp(z − lse) = exp(z − max) / S: the shift z − max is exact in fp32 even for huge
         // logits, where z − fp32(lse) would carry lse's rounding (ulp(1e4) ≈ 1e-3).
-        row_grad<T, kCap>(row, V, row_max, static_cast<float>(s / row_sum), c);
-        const double p_y = std::exp(static_cast<double>(z_y) - row_max) / row_sum;
-        row[y] = static_cast<T>(static_cast<float>(s * (p_y - 1.0) * dz_y));
+        row_grad<T, kCap, kSmooth>(row, V, st.max, static_cast<float>(f.a * f.P / st.sum),
+                                   static_cast<float>(f.kc), cw, c);
+        const double p_y = std::exp(static_cast<double>(z_y) - st.max) / st.sum;
+        row[y] = static_cast<T>(static_cast<float>(f.a * (f.P * p_y - f.c_eps) * dz_y));
       }
     }
   });
 }
 
-template <typename T, bool kCap>
+template <typename T, bool kCap, int kSmooth>
 void ce_backward_impl(T* x, int64_t n, int64_t V, const int64_t* target, const double* lse,
-                      const float* grad_scale, const Cap& c) {
+                      const float* grad_scale, const float* cw, const CeMath& m, const Cap& c) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const int64_t y = target[i];
       float z_y, dz_y;
       target_z<kCap>(static_cast<float>(row[y]), c, z_y, dz_y);
+      const double c_y = cw != nullptr ? cw[y] : 1.0;
+      const GradFactors f(m, grad_scale[i], lse[i] - z_y, lse[i], c_y);
       // lse = hi + lo with hi in fp32: z − hi is exact near the maximum, and exp(−lo) is folded
       // into the row's factor, so the saved fp64 lse rebuilds the softmax to fp32 accuracy.
       const float hi = static_cast<float>(lse[i]);
-      const double s = grad_scale[i];
-      row_grad<T, kCap>(row, V, hi, static_cast<float>(s * std::exp(hi - lse[i])), c);
+      row_grad<T, kCap, kSmooth>(row, V, hi, static_cast<float>(f.a * f.P * std::exp(hi - lse[i])),
+                                 static_cast<float>(f.kc), cw, c);
       const double p_y = std::exp(static_cast<double>(z_y) - lse[i]);
-      row[y] = static_cast<T>(static_cast<float>(s * (p_y - 1.0) * dz_y));
+      row[y] = static_cast<T>(static_cast<float>(f.a * (f.P * p_y - f.c_eps) * dz_y));
     }
   });
 }
@@ -244,39 +440,56 @@ inline void z_f64(double x, std::optional<double> softcap, double& z, double& dz
   }
 }
 
+// Per-row outputs of the fp64 forward (null when not asked, all null in backward).
+struct RowOut64 {
+  double* loss;
+  double* lse;
+  double* z_part;
+  int64_t* argmax;
+};
+
 void ce_f64(double* x, int64_t n, int64_t V, const int64_t* target, const double* lse_in,
-            const double* grad_scale, std::optional<double> softcap, double* loss,
-            double* lse_out) {
+            const double* grad_scale, const double* cw, const CeMath& m,
+            std::optional<double> softcap, const RowOut64& out) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double* row = x + i * V;
+      const int64_t y = target[i];
       double z, dz, z_y, dz_y;
-      z_f64(row[target[i]], softcap, z_y, dz_y);
+      z_f64(row[y], softcap, z_y, dz_y);
+      const double c_y = cw != nullptr ? cw[y] : 1.0;
       double lse;
       if (lse_in != nullptr) {
         lse = lse_in[i];
       } else {
-        double m = std::numeric_limits<double>::lowest(), sum = 0.0;
+        double mx = std::numeric_limits<double>::lowest(), sum = 0.0, spread = 0.0;
+        int64_t arg = 0;
         for (int64_t v = 0; v < V; ++v) {
           z_f64(row[v], softcap, z, dz);
-          if (z > m) {
-            sum = sum * std::exp(m - z) + 1.0;
-            m = z;
+          if (z > mx) {
+            sum = sum * std::exp(mx - z) + 1.0;
+            mx = z;
+            arg = v;
           } else {
-            sum += std::exp(z - m);  // 0 for z = −inf; NaN propagates
+            sum += std::exp(z - mx);  // 0 for z = −inf; NaN propagates
           }
+          if (m.eps > 0.0) spread += (cw != nullptr ? cw[v] : 1.0) * (z - z_y);
         }
-        lse = m + std::log(sum);
-        loss[i] = (m - z_y) + std::log(sum);
-        lse_out[i] = lse;
+        lse = mx + std::log(sum);
+        const auto [loss, z_part] = m.loss((mx - z_y) + std::log(sum), lse, c_y, spread);
+        out.loss[i] = loss;
+        out.lse[i] = lse;
+        if (out.z_part != nullptr) out.z_part[i] = z_part;
+        if (out.argmax != nullptr) out.argmax[i] = arg;
       }
       if (grad_scale != nullptr) {
-        const double s = grad_scale[i];
+        const GradFactors f(m, grad_scale[i], lse - z_y, lse, c_y);
         for (int64_t v = 0; v < V; ++v) {
           z_f64(row[v], softcap, z, dz);
-          row[v] = s * std::exp(z - lse) * dz;
+          const double w = cw != nullptr ? cw[v] : 1.0;
+          row[v] = (f.a * f.P * std::exp(z - lse) - f.kc * w) * dz;
         }
-        row[target[i]] = s * (std::exp(z_y - lse) - 1.0) * dz_y;
+        row[y] = f.a * (f.P * std::exp(z_y - lse) - f.c_eps) * dz_y;
       }
     }
   });
@@ -285,22 +498,38 @@ void ce_f64(double* x, int64_t n, int64_t V, const int64_t* target, const double
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 
-// Calls fn.template operator()<T, kCap>() for x's (reduced or single precision) dtype and
-// whether softcap is set.
+// Calls fn(T{}, cap, smooth, ...flags) with the compile-time flavour of each runtime choice:
+// x's (reduced or single precision) dtype, std::bool_constant for softcap (and each flag),
+// std::integral_constant for the smoothing mode.
 template <typename Fn>
-void dispatch(at::ScalarType dtype, bool capped, Fn&& fn) {
-  auto with_cap = [&](auto tag) {
-    using T = decltype(tag);
-    if (capped) {
-      fn.template operator()<T, true>();
+void with_bools(Fn&& fn) {
+  fn();
+}
+
+template <typename Fn, typename... Rest>
+void with_bools(Fn&& fn, bool flag, Rest... rest) {
+  with_bools([&](auto... tags) {
+    if (flag) {
+      fn(std::true_type{}, tags...);
     } else {
-      fn.template operator()<T, false>();
+      fn(std::false_type{}, tags...);
+    }
+  }, rest...);
+}
+
+template <typename Fn>
+void dispatch(at::ScalarType dtype, int smooth, Fn&& fn) {
+  auto with_smooth = [&](auto tag) {
+    switch (smooth) {
+      case kNoSmooth: return fn(tag, std::integral_constant<int, kNoSmooth>{});
+      case kUniform: return fn(tag, std::integral_constant<int, kUniform>{});
+      default: return fn(tag, std::integral_constant<int, kWeighted>{});
     }
   };
   switch (dtype) {
-    case at::kFloat: return with_cap(float{});
-    case at::kBFloat16: return with_cap(c10::BFloat16{});
-    case at::kHalf: return with_cap(c10::Half{});
+    case at::kFloat: return with_smooth(float{});
+    case at::kBFloat16: return with_smooth(c10::BFloat16{});
+    case at::kHalf: return with_smooth(c10::Half{});
     default: TORCH_CHECK_VALUE(false, "unsupported dtype ", dtype);
   }
 }
@@ -308,7 +537,8 @@ void dispatch(at::ScalarType dtype, bool capped, Fn&& fn) {
 // Shape/dtype/device checks shared by both entry points; targets are range-checked so the
 // kernel never reads outside a row.
 void check_common(const char* fn, const at::Tensor& x, const at::Tensor& target,
-                  std::optional<double> softcap) {
+                  std::optional<double> softcap, double label_smoothing,
+                  double lse_square_scale) {
   TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be [n, V], got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.is_contiguous(), fn, ": x must be contiguous (it is written in place)");
@@ -322,6 +552,10 @@ void check_common(const char* fn, const at::Tensor& x, const at::Tensor& target,
                     target.scalar_type(), " of shape ", target.sizes());
   TORCH_CHECK_VALUE(!softcap || (std::isfinite(*softcap) && *softcap > 0.0), fn,
                     ": softcap must be a positive finite number or None, got ", *softcap);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing < 1.0, fn,
+                    ": label_smoothing must lie in [0, 1), got ", label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(lse_square_scale) && lse_square_scale >= 0.0, fn,
+                    ": lse_square_scale must be finite and >= 0, got ", lse_square_scale);
 }
 
 void check_targets(const char* fn, const at::Tensor& target, int64_t V) {
@@ -347,54 +581,103 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor> ce_forward(at::Tensor x, const at::Tensor& target_in,
-                                              const std::optional<at::Tensor>& grad_scale_in,
-                                              std::optional<double> softcap) {
+// The options of CERowMath, and the class weights ([V], accumulation dtype) when given.
+struct Options {
+  CeMath math;
+  at::Tensor class_weight;
+  int smooth = kNoSmooth;
+
+  Options(const char* fn, const at::Tensor& x, const std::optional<at::Tensor>& class_weight_in,
+          double label_smoothing, double class_weight_sum, double lse_square_scale,
+          bool token_scaling) {
+    const int64_t V = x.size(1);
+    if (class_weight_in) class_weight = row_vector(fn, "class_weight", *class_weight_in, V, acc_dtype(x));
+    const bool weighted = class_weight.defined();
+    math = CeMath{label_smoothing, weighted ? class_weight_sum : static_cast<double>(V),
+                  lse_square_scale, token_scaling, std::max<int64_t>(V, 1)};
+    if (label_smoothing > 0.0) smooth = weighted ? kWeighted : kUniform;
+  }
+
+  template <typename A>
+  const A* weights() const {
+    return class_weight.defined() ? class_weight.data_ptr<A>() : nullptr;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
+ce_forward(at::Tensor x, const at::Tensor& target_in,
+           const std::optional<at::Tensor>& grad_scale_in, std::optional<double> softcap,
+           const std::optional<at::Tensor>& class_weight, double label_smoothing,
+           double class_weight_sum, double lse_square_scale, bool token_scaling, bool argmax,
+           bool z_loss) {
   constexpr const char* fn = "ce_forward";
-  check_common(fn, x, target_in, softcap);
+  check_common(fn, x, target_in, softcap, label_smoothing, lse_square_scale);
   const int64_t n = x.size(0), V = x.size(1);
   const at::Tensor target = target_in.contiguous();
   check_targets(fn, target, V);
   const at::ScalarType acc = acc_dtype(x);
   at::Tensor grad_scale;
   if (grad_scale_in) grad_scale = row_vector(fn, "grad_scale", *grad_scale_in, n, acc);
+  const Options opt(fn, x, class_weight, label_smoothing, class_weight_sum, lse_square_scale,
+                    token_scaling);
   at::Tensor loss = at::empty({n}, x.options().dtype(acc));
   at::Tensor lse = at::empty({n}, x.options().dtype(at::kDouble));
-  if (n == 0) return {loss, lse};
+  std::optional<at::Tensor> z_part, arg;
+  if (z_loss) z_part = at::empty({n}, x.options().dtype(acc));
+  if (argmax) arg = at::empty({n}, x.options().dtype(at::kLong));
+  if (n == 0) return {loss, lse, z_part, arg};
+  int64_t* arg_ptr = argmax ? arg->data_ptr<int64_t>() : nullptr;
   if (acc == at::kDouble) {
     ce_f64(x.data_ptr<double>(), n, V, target.data_ptr<int64_t>(), nullptr,
-           grad_scale.defined() ? grad_scale.data_ptr<double>() : nullptr, softcap,
-           loss.data_ptr<double>(), lse.data_ptr<double>());
+           grad_scale.defined() ? grad_scale.data_ptr<double>() : nullptr, opt.weights<double>(),
+           opt.math, softcap,
+           RowOut64{loss.data_ptr<double>(), lse.data_ptr<double>(),
+                    z_loss ? z_part->data_ptr<double>() : nullptr, arg_ptr});
   } else {
-    dispatch(x.scalar_type(), softcap.has_value(), [&]<typename T, bool kCap>() {
-      ce_forward_impl<T, kCap>(x.data_ptr<T>(), n, V, target.data_ptr<int64_t>(),
-                               grad_scale.defined() ? grad_scale.data_ptr<float>() : nullptr,
-                               make_cap(softcap), loss.data_ptr<float>(), lse.data_ptr<double>());
+    const RowOut out{loss.data_ptr<float>(), lse.data_ptr<double>(),
+                     z_loss ? z_part->data_ptr<float>() : nullptr, arg_ptr};
+    dispatch(x.scalar_type(), opt.smooth, [&](auto tag, auto smooth) {
+      using T = decltype(tag);
+      with_bools([&](auto cap, auto with_argmax) {
+        ce_forward_impl<T, decltype(cap)::value, decltype(smooth)::value,
+                        decltype(with_argmax)::value>(
+            x.data_ptr<T>(), n, V, target.data_ptr<int64_t>(),
+            grad_scale.defined() ? grad_scale.data_ptr<float>() : nullptr, opt.weights<float>(),
+            opt.math, make_cap(softcap), out);
+      }, softcap.has_value(), argmax);
     });
   }
   if (grad_scale.defined()) mark_written(x);
-  return {loss, lse};
+  return {loss, lse, z_part, arg};
 }
 
 void ce_backward(at::Tensor x, const at::Tensor& target_in, const at::Tensor& lse_in,
-                 const at::Tensor& grad_scale_in, std::optional<double> softcap) {
+                 const at::Tensor& grad_scale_in, std::optional<double> softcap,
+                 const std::optional<at::Tensor>& class_weight, double label_smoothing,
+                 double class_weight_sum, double lse_square_scale, bool token_scaling) {
   constexpr const char* fn = "ce_backward";
-  check_common(fn, x, target_in, softcap);
+  check_common(fn, x, target_in, softcap, label_smoothing, lse_square_scale);
   const int64_t n = x.size(0), V = x.size(1);
   const at::Tensor target = target_in.contiguous();
   check_targets(fn, target, V);
   const at::ScalarType acc = acc_dtype(x);
   const at::Tensor lse = row_vector(fn, "lse", lse_in, n, at::kDouble);
   const at::Tensor grad_scale = row_vector(fn, "grad_scale", grad_scale_in, n, acc);
+  const Options opt(fn, x, class_weight, label_smoothing, class_weight_sum, lse_square_scale,
+                    token_scaling);
   if (n == 0) return;
   if (acc == at::kDouble) {
     ce_f64(x.data_ptr<double>(), n, V, target.data_ptr<int64_t>(), lse.data_ptr<double>(),
-           grad_scale.data_ptr<double>(), softcap, nullptr, nullptr);
+           grad_scale.data_ptr<double>(), opt.weights<double>(), opt.math, softcap,
+           RowOut64{nullptr, nullptr, nullptr, nullptr});
   } else {
-    dispatch(x.scalar_type(), softcap.has_value(), [&]<typename T, bool kCap>() {
-      ce_backward_impl<T, kCap>(x.data_ptr<T>(), n, V, target.data_ptr<int64_t>(),
-                                lse.data_ptr<double>(), grad_scale.data_ptr<float>(),
-                                make_cap(softcap));
+    dispatch(x.scalar_type(), opt.smooth, [&](auto tag, auto smooth) {
+      using T = decltype(tag);
+      with_bools([&](auto cap) {
+        ce_backward_impl<T, decltype(cap)::value, decltype(smooth)::value>(
+            x.data_ptr<T>(), n, V, target.data_ptr<int64_t>(), lse.data_ptr<double>(),
+            grad_scale.data_ptr<float>(), opt.weights<float>(), opt.math, make_cap(softcap));
+      }, softcap.has_value());
     });
   }
   mark_written(x);
@@ -404,13 +687,17 @@ namespace py = pybind11;
 
 RegisterBindings reg([](py::module_& m) {
   m.def("ce_forward", &ce_forward, py::arg("x"), py::arg("target"), py::arg("grad_scale"),
-        py::arg("softcap"), py::call_guard<py::gil_scoped_release>(),
-        "Cross-entropy over rows of x [n, V] -> (loss [n] fp32 (fp64 for fp64 x), lse [n] fp64). "
-        "With grad_scale s, x is overwritten by s_i (softmax(z_i) - onehot(target_i)) dz/dx.");
+        py::arg("softcap"), py::arg("class_weight"), py::arg("label_smoothing"),
+        py::arg("class_weight_sum"), py::arg("lse_square_scale"), py::arg("token_scaling"),
+        py::arg("argmax"), py::arg("z_loss"), py::call_guard<py::gil_scoped_release>(),
+        "Cross-entropy over rows of x [n, V] with the options of CERowMath -> (loss [n] fp32 "
+        "(fp64 for fp64 x), lse [n] fp64, z-loss part or None, argmax int64 or None). With "
+        "grad_scale a, x is overwritten by the gradient of a_i loss_i.");
   m.def("ce_backward", &ce_backward, py::arg("x"), py::arg("target"), py::arg("lse"),
-        py::arg("grad_scale"), py::arg("softcap"), py::call_guard<py::gil_scoped_release>(),
-        "Overwrite x [n, V] with s_i (exp(z_i - lse_i) - onehot(target_i)) dz/dx, lse the saved "
-        "fp64 log-sum-exp.");
+        py::arg("grad_scale"), py::arg("softcap"), py::arg("class_weight"),
+        py::arg("label_smoothing"), py::arg("class_weight_sum"), py::arg("lse_square_scale"),
+        py::arg("token_scaling"), py::call_guard<py::gil_scoped_release>(),
+        "Overwrite x [n, V] with the gradient of a_i loss_i from the saved fp64 log-sum-exp.");
 });
 
 }  // namespace

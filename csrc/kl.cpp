@@ -1,14 +1,19 @@
-// Forward-KL epilogues of the CPU backend (fused_linear_kl, fused_linear_kl_topk). Contract and
+// Divergence epilogues of the CPU backend (fused_linear_kl, fused_linear_kl_topk). Contract and
 // readable reference: unlearn_kernels/backends/torch_backend.py (kl_forward, kl_backward,
-// kl_topk_forward, kl_topk_backward).
+// kl_topk_forward, kl_topk_backward) with the per-row options of _options.py:KLRowMath.
 //
-// Chunk x [n, V] of student logits (fp32, bf16, fp16, or fp64 for gradcheck; contiguous), z = x/τ,
-// q = softmax(z). Math in fp32 (fp64 for fp64 x), per-row scalars in fp64.
+// Chunk x [n, V] of student logits (fp32, bf16, fp16, or fp64 for gradcheck; contiguous),
+// z = cap(x)/τ (cap(x) = c·tanh(x/c) with softcap, else x), q = softmax(z). Math in fp32 (fp64
+// for fp64 x), per-row scalars in fp64.
 //
-// Exact: x_ref [n, V] (x's dtype), p = softmax(x_ref/τ). Pass 1 (online, per-lane running
-//   maxima): lse = log Σ e^z, lse_r = log Σ e^{z_r} and Σ_v p_v (z_r − z)_v; KL = that
-//   − (lse_r − lse) (both parts small when p ≈ q). Pass 2 (gradient, usually from L2/L3):
-//   x ← s/τ · (e^{z−lse} − e^{z_r−lse_r}).
+// Exact: x_ref [n, V] (x's dtype), z_r = x_ref/τ (capped too with softcap_ref), p = softmax(z_r),
+//   d = log q − log p. Pass 1 (online, per-lane running maxima): lse = log Σ e^z,
+//   lse_r = log Σ e^{z_r} and, for the forward KL, Σ_v p_v (z_r − z)_v (reverse: Σ q (z − z_r));
+//   KL = that − (lse_r − lse) (both parts small when p ≈ q). The generalised JSD (0 < β < 1)
+//   needs both normalisers first: pass 2 forms Σ β p (log p − log m) + (1 − β) q (log q − log m)
+//   and its centre K = Σ q (log q − log m), m = βp + (1 − β)q, with one exp and one log1p per
+//   logit. Gradient pass (usually from L2/L3): x ← s/τ · g · sech², g = q − p (forward),
+//   q (d − K) (reverse, K = KL), (1 − β) q (log q − log m − K) (JSD).
 // Top-k: the k logits of the row's top-k are read, then overwritten by −inf so that pass 1
 //   sees only the tail: lse_t = log Σ_{v∉K} e^{z_v} directly, never as a difference; lse =
 //   logaddexp(lse_t, lse_K). KL̃ = Σ_K p_k (log p_k − log q_k) + p_t (log p_t − log q_t) over k + 1
@@ -37,6 +42,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "registry.h"
@@ -50,6 +56,7 @@ using vec_math::Io;
 using vec_math::kAllLanes;
 using vec_math::kLanes;
 using vec_math::kStep;
+using vec_math::tanh_vec;
 using vec_math::Vec;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
@@ -140,19 +147,76 @@ struct OnlineLanes {
   }
 };
 
+// ---- logits ----------------------------------------------------------------------------------
+
+// The map of one side's logits: z = cap(x)/τ, cap(x) = c·tanh(x/c) (the identity without
+// softcap); A is the math type.
+template <typename A>
+struct ZMap {
+  A inv_tau = 1;
+  A cap = 0;
+  A inv_cap = 0;
+};
+
+// z of kLanes logits and, with kDeriv, sech²(x/c) into *d (∂z/∂x = d/τ; left unset without
+// softcap). x = −inf (a masked top-k entry) stays −inf.
+template <bool kCap, bool kDeriv = false>
+UK_INLINE Vec z_vec(const Vec& x, const ZMap<float>& m, Vec* d = nullptr) {
+  if constexpr (kCap) {
+    const Vec z = Vec(m.cap) * tanh_vec<kDeriv>(x * Vec(m.inv_cap), d) * Vec(m.inv_tau);
+    return Vec::blendv(z, x, x == Vec(-std::numeric_limits<float>::infinity()));
+  } else {
+    return x * Vec(m.inv_tau);
+  }
+}
+
+// The scalar map in the math type; fp32 goes through z_vec so that a single logit is rounded
+// exactly as the row passes round it.
+template <bool kCap, typename A>
+inline A z_one(A x, const ZMap<A>& m, A* d = nullptr) {
+  if constexpr (std::is_same_v<A, double>) {
+    if constexpr (kCap) {
+      if (x == -kInf) {
+        if (d != nullptr) *d = 0.0;
+        return -kInf;
+      }
+      const double ch = std::cosh(x * m.inv_cap);  // sech² without 1 − tanh²'s cancellation
+      if (d != nullptr) *d = 1.0 / (ch * ch);
+      return m.cap * std::tanh(x * m.inv_cap) * m.inv_tau;
+    } else {
+      if (d != nullptr) *d = 1.0;
+      return x * m.inv_tau;
+    }
+  } else {
+    Vec dv(1.f);
+    alignas(64) float zs[kLanes], ds[kLanes];
+    z_vec<kCap, true>(Vec(x), m, &dv).store(zs);
+    dv.store(ds);
+    if (d != nullptr) *d = ds[0];
+    return zs[0];
+  }
+}
+
+// Divergences (template parameter kDiv): forward KL(p ‖ q), reverse KL(q ‖ p), generalised JSD.
+constexpr int kForward = 0;
+constexpr int kReverse = 1;
+constexpr int kJsd = 2;
+
 // ---- row primitives ------------------------------------------------------------------------
 
-// log Σ_v e^{z_v}, z = x·inv_tau (−inf for an all −inf row): one pass.
-template <typename T>
-double row_lse(const T* row, int64_t V, Acc<T> inv_tau) {
+// log Σ_v e^{z_v} (−inf for an all −inf row): one pass.
+template <typename T, bool kCap>
+double row_lse(const T* row, int64_t V, const ZMap<Acc<T>>& zm) {
   if constexpr (kScalar<T>) {
     double m = -kInf, s = 0.0;
-    for (int64_t v = 0; v < V; ++v) m = std::isnan(row[v]) ? row[v] : std::max(m, row[v] * inv_tau);
+    for (int64_t v = 0; v < V; ++v) {
+      const double z = z_one<kCap>(row[v], zm);
+      m = std::isnan(z) ? z : std::max(m, z);
+    }
     if (m == -kInf) return -kInf;
-    for (int64_t v = 0; v < V; ++v) s += std::exp(row[v] * inv_tau - m);
+    for (int64_t v = 0; v < V; ++v) s += std::exp(z_one<kCap>(row[v], zm) - m);
     return m + std::log(s);
   } else {
-    const Vec scale(inv_tau);
     OnlineLanes acc;
     auto fold = [&](Vec a, Vec b) {
       acc.raise(at::vec::maximum(a, b));
@@ -162,13 +226,13 @@ double row_lse(const T* row, int64_t V, Acc<T> inv_tau) {
     int64_t j = 0;
     for (int64_t step = 1; j + kStep <= V; j += kStep, ++step) {
       Io<T>::load(row + j, a, b);
-      fold(a * scale, b * scale);
+      fold(z_vec<kCap>(a, zm), z_vec<kCap>(b, zm));
       if (step % kFlush == 0) acc.flush();
     }
     if (j < V) {
       Io<T>::load(row + j, V - j, a, b);
-      a = a * scale;
-      b = b * scale;
+      a = z_vec<kCap>(a, zm);
+      b = z_vec<kCap>(b, zm);
       mask_tail(a, b, V - j);
       fold(a, b);
     }
@@ -178,118 +242,287 @@ double row_lse(const T* row, int64_t V, Acc<T> inv_tau) {
   }
 }
 
-// One pass over both rows of the exact KL: lse = log Σ e^z, lse_r = log Σ e^{z_r} and
-// mean_d = Σ_v p_v (z_r,v − z_v) (p = 0 terms are 0).
-template <typename T>
-void row_kl_stats(const T* x, const T* xr, int64_t V, Acc<T> inv_tau, double& lse,
-                  double& lse_r, double& mean_d) {
-  if constexpr (kScalar<T>) {
-    lse = row_lse(x, V, inv_tau);
-    lse_r = row_lse(xr, V, inv_tau);
-    mean_d = 0.0;
-    for (int64_t v = 0; v < V; ++v) {
-      const double z = x[v] * inv_tau, zr = xr[v] * inv_tau, p = std::exp(zr - lse_r);
-      if (p != 0.0) mean_d += p * (zr - z);
-    }
-  } else {
-    const Vec scale(inv_tau);
-    OnlineLanes student, ref;
-    auto fold = [&](Vec z0, Vec z1, Vec zr0, Vec zr1) {
-      student.raise(at::vec::maximum(z0, z1));
-      ref.raise(at::vec::maximum(zr0, zr1));
-      student.part = student.part + (exp_vec(z0 - student.m) + exp_vec(z1 - student.m));
-      const Vec e0 = exp_vec(zr0 - ref.m), e1 = exp_vec(zr1 - ref.m);
-      ref.part = ref.part + (e0 + e1);
-      ref.part_d = ref.part_d + (weighted(e0, zr0 - z0) + weighted(e1, zr1 - z1));
-    };
-    Vec a, b, ar, br;
-    int64_t j = 0;
-    for (int64_t step = 1; j + kStep <= V; j += kStep, ++step) {
+// Per-lane fp32 sums flushed into fp64 lanes every kFlush steps.
+struct LaneSum {
+  Vec part{0.f};
+  double total[kLanes] = {};
+  int64_t steps = 0;
+
+  UK_INLINE void add(const Vec& v) {
+    part = part + v;
+    if (++steps % kFlush == 0) flush();
+  }
+  void flush() {
+    alignas(64) float f[kLanes];
+    part.store(f);
+    for (int64_t l = 0; l < kLanes; ++l) total[l] += f[l];
+    part = Vec(0.f);
+  }
+  double finish() {
+    flush();
+    double s = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) s += total[l];
+    return s;
+  }
+};
+
+// Calls fn(z0, z1, zr0, zr1, d0, d1) for every kStep logits of both rows (the padding lanes of
+// the last step hold −inf in both); d0, d1 are sech²(x/c) when kWrite and softcapped. With
+// kWrite, fn returns the two gradient vectors, stored over x.
+template <typename T, bool kCap, bool kCapRef, bool kWrite, typename Fn>
+UK_INLINE void for_both_rows(std::conditional_t<kWrite, T*, const T*> x, const T* xr, int64_t V,
+                             const ZMap<float>& zm, const ZMap<float>& zr_map, Fn&& fn) {
+  constexpr bool kDeriv = kWrite && kCap;
+  Vec a, b, ar, br, da(1.f), db(1.f);
+  auto run = [&](int64_t j, int64_t count) {
+    if (count == kStep) {
       Io<T>::load(x + j, a, b);
       Io<T>::load(xr + j, ar, br);
-      fold(a * scale, b * scale, ar * scale, br * scale);
-      if (step % kFlush == 0) {
-        student.flush();
-        ref.flush();
+    } else {
+      Io<T>::load(x + j, count, a, b);
+      Io<T>::load(xr + j, count, ar, br);
+    }
+    Vec z0 = z_vec<kCap, kDeriv>(a, zm, &da), z1 = z_vec<kCap, kDeriv>(b, zm, &db);
+    Vec r0 = z_vec<kCapRef>(ar, zr_map), r1 = z_vec<kCapRef>(br, zr_map);
+    if (count < kStep) {
+      mask_tail(z0, z1, count);
+      mask_tail(r0, r1, count);
+    }
+    if constexpr (kWrite) {
+      const auto [g0, g1] = fn(z0, z1, r0, r1, da, db);
+      if (count == kStep) {
+        Io<T>::store(x + j, g0, g1);
+      } else {
+        Io<T>::store(x + j, count, g0, g1);
+      }
+    } else {
+      fn(z0, z1, r0, r1, da, db);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kStep <= V; j += kStep) run(j, kStep);
+  if (j < V) run(j, V - j);
+}
+
+// (log p − log m, log q − log m) of the generalised JSD from d = log q − log p (see
+// torch_backend._jsd_logs): one exp and one log1p.
+struct JsdLogs {
+  float lb, l1b;
+
+  UK_INLINE std::pair<Vec, Vec> operator()(const Vec& d) const {
+    const Vec shared = exp_vec<true>(Vec(0.f) - (d + Vec(l1b - lb)).abs()).log1p();
+    const Vec log_p_m = Vec(0.f) - (at::vec::maximum(d + Vec(l1b), Vec(lb)) + shared);
+    const Vec log_q_m = Vec(0.f) - (at::vec::maximum(Vec(lb) - d, Vec(l1b)) + shared);
+    return {log_p_m, log_q_m};
+  }
+};
+
+inline std::pair<double, double> jsd_logs(double d, double beta) {
+  const double lb = std::log(beta), l1b = std::log1p(-beta);
+  const double shared = std::log1p(std::exp(-std::abs(l1b - lb + d)));
+  return {-(std::max(d + l1b, lb) + shared), -(std::max(lb - d, l1b) + shared)};
+}
+
+// Per-row statistics of the exact divergences.
+struct KlRow {
+  double lse, lse_r, loss, centre;
+};
+
+// The divergence of one row pair (KLRowMath): pass 1 (online) finds both log-normalisers and,
+// for the two KLs, the loss (Σ p (z_r − z) or Σ q (z − z_r) rides along, weighted by the
+// online exponentials); the JSD needs the normalisers first, so a second pass forms it and
+// its centre K = Σ q (log q − log m).
+template <typename T, bool kCap, bool kCapRef, int kDiv>
+KlRow row_divergence(const T* x, const T* xr, int64_t V, const ZMap<Acc<T>>& zm,
+                     const ZMap<Acc<T>>& zr_map, double beta) {
+  KlRow out{};
+  if constexpr (kScalar<T>) {
+    out.lse = row_lse<T, kCap>(x, V, zm);
+    out.lse_r = row_lse<T, kCapRef>(xr, V, zr_map);
+    double loss = 0.0, centre = 0.0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double z = z_one<kCap>(x[v], zm), zr = z_one<kCapRef>(xr[v], zr_map);
+      const double log_q = z - out.lse, log_p = zr - out.lse_r;
+      const double q = std::exp(log_q), p = std::exp(log_p);
+      const double d = (z - zr) + (out.lse_r - out.lse);
+      if constexpr (kDiv == kForward) {
+        if (p != 0.0) loss -= p * d;
+      } else if constexpr (kDiv == kReverse) {
+        if (q != 0.0) loss += q * d;
+      } else {
+        const auto [log_p_m, log_q_m] = jsd_logs(d, beta);
+        if (p != 0.0) loss += beta * p * log_p_m;
+        if (q != 0.0) {
+          loss += (1.0 - beta) * q * log_q_m;
+          centre += q * log_q_m;
+        }
       }
     }
-    if (j < V) {
-      Io<T>::load(x + j, V - j, a, b);
-      Io<T>::load(xr + j, V - j, ar, br);
-      a = a * scale;
-      b = b * scale;
-      ar = ar * scale;
-      br = br * scale;
-      mask_tail(a, b, V - j);
-      mask_tail(ar, br, V - j);
-      fold(a, b, ar, br);
+    out.loss = loss;
+    out.centre = kDiv == kReverse ? loss : centre;
+  } else {
+    OnlineLanes student, ref;
+    int64_t steps = 0;
+    for_both_rows<T, kCap, kCapRef, false>(
+        x, xr, V, zm, zr_map,
+        [&](const Vec& z0, const Vec& z1, const Vec& zr0, const Vec& zr1, const Vec&, const Vec&) {
+          student.raise(at::vec::maximum(z0, z1));
+          ref.raise(at::vec::maximum(zr0, zr1));
+          const Vec e0 = exp_vec(z0 - student.m), e1 = exp_vec(z1 - student.m);
+          const Vec er0 = exp_vec(zr0 - ref.m), er1 = exp_vec(zr1 - ref.m);
+          student.part = student.part + (e0 + e1);
+          ref.part = ref.part + (er0 + er1);
+          if constexpr (kDiv == kForward) {
+            ref.part_d = ref.part_d + (weighted(er0, zr0 - z0) + weighted(er1, zr1 - z1));
+          }
+          if constexpr (kDiv == kReverse) {
+            student.part_d = student.part_d + (weighted(e0, z0 - zr0) + weighted(e1, z1 - zr1));
+          }
+          if (++steps % kFlush == 0) {
+            student.flush();
+            ref.flush();
+          }
+        });
+    double mean_s, mean_r;
+    student.finish(out.lse, mean_s);
+    ref.finish(out.lse_r, mean_r);
+    if constexpr (kDiv == kForward) out.loss = mean_r - (out.lse_r - out.lse);
+    if constexpr (kDiv == kReverse) out.loss = out.centre = mean_s - (out.lse - out.lse_r);
+    if constexpr (kDiv == kJsd) {
+      const Shift<float> sq(out.lse), sp(out.lse_r);
+      const Vec gap(static_cast<float>(out.lse_r - out.lse));
+      const JsdLogs logs{static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
+      const Vec b(static_cast<float>(beta)), b1(static_cast<float>(1.0 - beta));
+      LaneSum loss, centre;
+      auto terms = [&](const Vec& z, const Vec& zr) {
+        const Vec q = exp_vec((z - Vec(sq.hi)) - Vec(sq.lo));
+        const Vec p = exp_vec((zr - Vec(sp.hi)) - Vec(sp.lo));
+        const auto [log_p_m, log_q_m] = logs((z - zr) + gap);
+        const Vec q_part = weighted(q, log_q_m);
+        loss.add(weighted(p, b * log_p_m) + b1 * q_part);
+        centre.add(q_part);
+      };
+      for_both_rows<T, kCap, kCapRef, false>(
+          x, xr, V, zm, zr_map,
+          [&](const Vec& z0, const Vec& z1, const Vec& zr0, const Vec& zr1, const Vec&,
+              const Vec&) {
+            terms(z0, zr0);
+            terms(z1, zr1);
+          });
+      out.loss = loss.finish();
+      out.centre = centre.finish();
     }
-    double unused;
-    student.finish(lse, unused);
-    ref.finish(lse_r, mean_d);
+  }
+  return out;
+}
+
+// Gradient pass of the exact divergences: x ← c·∂D/∂z·sech²(x/c) (c = s/τ), with
+//   forward q − p,  reverse q (d − K),  JSD (1 − β) q (log q − log m − K),  d = log q − log p.
+template <typename T, bool kCap, bool kCapRef, int kDiv>
+void row_divergence_grad(T* x, const T* xr, int64_t V, const ZMap<Acc<T>>& zm,
+                         const ZMap<Acc<T>>& zr_map, double coef, double lse, double lse_r,
+                         double centre, double beta) {
+  if constexpr (kScalar<T>) {
+    for (int64_t v = 0; v < V; ++v) {
+      double dz;
+      const double z = z_one<kCap>(x[v], zm, &dz), zr = z_one<kCapRef>(xr[v], zr_map);
+      const double q = std::exp(z - lse), p = std::exp(zr - lse_r);
+      const double d = (z - zr) + (lse_r - lse);
+      double g;
+      if constexpr (kDiv == kForward) {
+        g = q - p;
+      } else if constexpr (kDiv == kReverse) {
+        g = q != 0.0 ? q * (d - centre) : 0.0;
+      } else {
+        g = q != 0.0 ? (1.0 - beta) * q * (jsd_logs(d, beta).second - centre) : 0.0;
+      }
+      x[v] = coef * g * dz;
+    }
+  } else {
+    const Shift<float> sq(lse), sp(lse_r);
+    const Vec c(static_cast<float>(kDiv == kJsd ? coef * (1.0 - beta) : coef));
+    const Vec k(static_cast<float>(centre)), gap(static_cast<float>(lse_r - lse));
+    const JsdLogs logs{static_cast<float>(std::log(beta)), static_cast<float>(std::log1p(-beta))};
+    auto grad = [&](const Vec& z, const Vec& zr, const Vec& dz) {
+      const Vec q = exp_vec((z - Vec(sq.hi)) - Vec(sq.lo));
+      Vec g;
+      if constexpr (kDiv == kForward) {
+        g = q - exp_vec((zr - Vec(sp.hi)) - Vec(sp.lo));
+      } else if constexpr (kDiv == kReverse) {
+        g = weighted(q, ((z - zr) + gap) - k);
+      } else {
+        g = weighted(q, logs((z - zr) + gap).second - k);
+      }
+      g = g * c;
+      if constexpr (kCap) g = g * dz;
+      return g;
+    };
+    for_both_rows<T, kCap, kCapRef, true>(
+        x, xr, V, zm, zr_map,
+        [&](const Vec& z0, const Vec& z1, const Vec& zr0, const Vec& zr1, const Vec& d0,
+            const Vec& d1) { return std::pair<Vec, Vec>(grad(z0, zr0, d0), grad(z1, zr1, d1)); });
   }
 }
 
-// x_v ← f·e^{z_v − s}, z = x·inv_tau: the top-k tail gradient with one exp.
-template <typename T>
-void row_scaled_exp(T* x, int64_t V, Acc<T> inv_tau, Acc<T> f, const Shift<Acc<T>>& s) {
+// x_v ← f·e^{z_v − s}: the top-k tail gradient with one exp (times sech² with softcap).
+template <typename T, bool kCap>
+void row_scaled_exp(T* x, int64_t V, const ZMap<Acc<T>>& zm, Acc<T> f, const Shift<Acc<T>>& s) {
   if constexpr (kScalar<T>) {
-    for (int64_t v = 0; v < V; ++v) x[v] = f * std::exp((x[v] * inv_tau - s.hi) - s.lo);
+    for (int64_t v = 0; v < V; ++v) {
+      double dz;
+      const double z = z_one<kCap>(x[v], zm, &dz);
+      x[v] = f * std::exp((z - s.hi) - s.lo) * dz;
+    }
   } else {
-    const Vec scale(inv_tau), k(f), hi(s.hi), lo(s.lo);
+    const Vec k(f), hi(s.hi), lo(s.lo);
+    auto grad = [&](const Vec& xv) {
+      Vec d;
+      const Vec g = k * exp_vec((z_vec<kCap, kCap>(xv, zm, &d) - hi) - lo);
+      if constexpr (kCap) return g * d;
+      return g;
+    };
     Vec a, b;
     int64_t j = 0;
     for (; j + kStep <= V; j += kStep) {
       Io<T>::load(x + j, a, b);
-      Io<T>::store(x + j, k * exp_vec((a * scale - hi) - lo), k * exp_vec((b * scale - hi) - lo));
+      Io<T>::store(x + j, grad(a), grad(b));
     }
     if (j < V) {
       Io<T>::load(x + j, V - j, a, b);
-      Io<T>::store(x + j, V - j, k * exp_vec((a * scale - hi) - lo),
-                   k * exp_vec((b * scale - hi) - lo));
+      Io<T>::store(x + j, V - j, grad(a), grad(b));
     }
   }
 }
 
-// Gradient pass: x_v ← c1·e^{z_v − s1} − c2·e^{w_v − s2}, z = x·inv_tau, w = x_ref·inv_tau when
-// kRef, else w = z.
-template <typename T, bool kRef>
-void row_grad(T* x, const T* xr, int64_t V, Acc<T> inv_tau, Acc<T> c1, const Shift<Acc<T>>& s1,
-              Acc<T> c2, const Shift<Acc<T>>& s2) {
+// Top-k gradient pass without the one-exp shortcut: x_v ← (c1·e^{z_v − s1} − c2·e^{z_v − s2})
+// (times sech² with softcap).
+template <typename T, bool kCap>
+void row_two_exp(T* x, int64_t V, const ZMap<Acc<T>>& zm, Acc<T> c1, const Shift<Acc<T>>& s1,
+                 Acc<T> c2, const Shift<Acc<T>>& s2) {
   if constexpr (kScalar<T>) {
     for (int64_t v = 0; v < V; ++v) {
-      const double z = x[v] * inv_tau, w = kRef ? xr[v] * inv_tau : z;
-      x[v] = c1 * std::exp((z - s1.hi) - s1.lo) - c2 * std::exp((w - s2.hi) - s2.lo);
+      double dz;
+      const double z = z_one<kCap>(x[v], zm, &dz);
+      x[v] = (c1 * std::exp((z - s1.hi) - s1.lo) - c2 * std::exp((z - s2.hi) - s2.lo)) * dz;
     }
   } else {
-    const Vec scale(inv_tau), k1(c1), k2(c2), h1(s1.hi), l1(s1.lo), h2(s2.hi), l2(s2.lo);
-    auto grad = [&](const Vec& z, const Vec& w) {
-      return k1 * exp_vec((z - h1) - l1) - k2 * exp_vec((w - h2) - l2);
+    const Vec k1(c1), k2(c2), h1(s1.hi), l1(s1.lo), h2(s2.hi), l2(s2.lo);
+    auto grad = [&](const Vec& xv) {
+      Vec d;
+      const Vec z = z_vec<kCap, kCap>(xv, zm, &d);
+      const Vec g = k1 * exp_vec((z - h1) - l1) - k2 * exp_vec((z - h2) - l2);
+      if constexpr (kCap) return g * d;
+      return g;
     };
-    Vec a, b, ar, br;
+    Vec a, b;
     int64_t j = 0;
     for (; j + kStep <= V; j += kStep) {
       Io<T>::load(x + j, a, b);
-      a = a * scale;
-      b = b * scale;
-      if constexpr (kRef) {
-        Io<T>::load(xr + j, ar, br);
-        Io<T>::store(x + j, grad(a, ar * scale), grad(b, br * scale));
-      } else {
-        Io<T>::store(x + j, grad(a, a), grad(b, b));
-      }
+      Io<T>::store(x + j, grad(a), grad(b));
     }
     if (j < V) {
-      const int64_t rest = V - j;
-      Io<T>::load(x + j, rest, a, b);
-      a = a * scale;
-      b = b * scale;
-      if constexpr (kRef) {
-        Io<T>::load(xr + j, rest, ar, br);
-        Io<T>::store(x + j, rest, grad(a, ar * scale), grad(b, br * scale));
-      } else {
-        Io<T>::store(x + j, rest, grad(a, a), grad(b, b));
-      }
+      Io<T>::load(x + j, V - j, a, b);
+      Io<T>::store(x + j, V - j, grad(a), grad(b));
     }
   }
 }
@@ -308,47 +541,59 @@ inline double p_times(double log_p, double d) {
   return p > 0.0 ? p * d : 0.0;
 }
 
-// ---- exact KL --------------------------------------------------------------------------------
+// ---- exact divergences -------------------------------------------------------------------------
 
-template <typename T>
+// Per-row outputs of the exact forward.
+template <typename A>
+struct KlOut {
+  A* loss;
+  double* lse;
+  double* lse_ref;
+  double* centre;
+};
+
+template <typename T, bool kCap, bool kCapRef, int kDiv>
 void kl_forward_impl(T* x, const T* xr, int64_t n, int64_t V, const double* grad_scale,
-                     double temperature, Acc<T>* kl, double* lse, double* lse_ref) {
+                     double temperature, const ZMap<Acc<T>>& zm, const ZMap<Acc<T>>& zr_map,
+                     double beta, const KlOut<Acc<T>>& out) {
   using A = Acc<T>;
-  const A inv_tau = static_cast<A>(1.0 / temperature);
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const T* ref = xr + i * V;
-      double mean_d;
-      row_kl_stats(row, ref, V, inv_tau, lse[i], lse_ref[i], mean_d);
-      if (!std::isfinite(lse_ref[i])) {
-        kl[i] = static_cast<A>(kNaN);
+      const KlRow r = row_divergence<T, kCap, kCapRef, kDiv>(row, ref, V, zm, zr_map, beta);
+      out.lse[i] = r.lse;
+      out.lse_ref[i] = r.lse_r;
+      out.centre[i] = kDiv == kForward ? 0.0 : r.centre;
+      if (!std::isfinite(r.lse_r)) {
+        out.loss[i] = static_cast<A>(kNaN);
         if (grad_scale != nullptr) fill_nan(row, V);
         continue;
       }
-      kl[i] = static_cast<A>(mean_d - (lse_ref[i] - lse[i]));
+      out.loss[i] = static_cast<A>(r.loss);
       if (grad_scale != nullptr) {
-        const A c = static_cast<A>(grad_scale[i] / temperature);
-        row_grad<T, true>(row, ref, V, inv_tau, c, Shift<A>(lse[i]), c, Shift<A>(lse_ref[i]));
+        row_divergence_grad<T, kCap, kCapRef, kDiv>(row, ref, V, zm, zr_map,
+                                                    grad_scale[i] / temperature, r.lse, r.lse_r,
+                                                    out.centre[i], beta);
       }
     }
   });
 }
 
-template <typename T>
+template <typename T, bool kCap, bool kCapRef, int kDiv>
 void kl_backward_impl(T* x, const T* xr, int64_t n, int64_t V, const double* lse,
-                      const double* lse_ref, const double* grad_scale, double temperature) {
-  using A = Acc<T>;
-  const A inv_tau = static_cast<A>(1.0 / temperature);
+                      const double* lse_ref, const double* centre, const double* grad_scale,
+                      double temperature, const ZMap<Acc<T>>& zm, const ZMap<Acc<T>>& zr_map,
+                      double beta) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (!std::isfinite(lse_ref[i])) {
         fill_nan(x + i * V, V);
         continue;
       }
-      const A c = static_cast<A>(grad_scale[i] / temperature);
-      row_grad<T, true>(x + i * V, xr + i * V, V, inv_tau, c, Shift<A>(lse[i]), c,
-                        Shift<A>(lse_ref[i]));
+      row_divergence_grad<T, kCap, kCapRef, kDiv>(x + i * V, xr + i * V, V, zm, zr_map,
+                                                  grad_scale[i] / temperature, lse[i],
+                                                  lse_ref[i], centre[i], beta);
     }
   });
 }
@@ -370,19 +615,22 @@ struct TopkRow {
   }
 };
 
-// z_k = x_k·inv_tau, rounded as the row passes round it, then widened to fp64.
-template <typename T>
-void gather_z(const T* row, const TopkRow& t, Acc<T> inv_tau, double* zk) {
+// z_k and sech²(x_k/c) (1 without softcap) of the row's top-k logits, rounded as the row passes
+// round them, then widened to fp64.
+template <typename T, bool kCap>
+void gather_z(const T* row, const TopkRow& t, const ZMap<Acc<T>>& zm, double* zk, double* dk) {
   for (int64_t j = 0; j < t.k; ++j) {
-    zk[j] = static_cast<Acc<T>>(static_cast<Acc<T>>(row[t.index[j]]) * inv_tau);
+    Acc<T> d = 1;
+    zk[j] = z_one<kCap>(static_cast<Acc<T>>(row[t.index[j]]), zm, &d);
+    dk[j] = kCap ? d : 1.0;
   }
 }
 
 // Gradient of a row, given the top-k's z_k (already read): the tail formula over the whole
 // row, then the top-k entries over it.
-template <typename T>
-void topk_row_grad(T* row, int64_t V, const TopkRow& t, const double* zk, double lse,
-                   double lse_tail, double coef, Acc<T> inv_tau) {
+template <typename T, bool kCap>
+void topk_row_grad(T* row, int64_t V, const TopkRow& t, const double* zk, const double* dk,
+                   double lse, double lse_tail, double coef, const ZMap<Acc<T>>& zm) {
   using A = Acc<T>;
   const double P = t.total();
   if (!std::isfinite(P)) {
@@ -396,35 +644,34 @@ void topk_row_grad(T* row, int64_t V, const TopkRow& t, const double* zk, double
   // the factor p_t/q_t = e^{lse−shift} is out of fp32 range (q_t below ~1e-30·p_t).
   const double factor = coef * (P - std::exp(lse - tail_shift));
   if (std::abs(factor) < 1e30) {
-    row_scaled_exp<T>(row, V, inv_tau, static_cast<A>(factor), Shift<A>(lse));
+    row_scaled_exp<T, kCap>(row, V, zm, static_cast<A>(factor), Shift<A>(lse));
   } else {
-    row_grad<T, false>(row, nullptr, V, inv_tau, static_cast<A>(coef * P), Shift<A>(lse),
-                       static_cast<A>(coef), Shift<A>(tail_shift));
+    row_two_exp<T, kCap>(row, V, zm, static_cast<A>(coef * P), Shift<A>(lse),
+                         static_cast<A>(coef), Shift<A>(tail_shift));
   }
   for (int64_t j = 0; j < t.k; ++j) {
-    row[t.index[j]] = static_cast<T>(static_cast<A>(coef * (P * std::exp(zk[j] - lse) -
-                                                            std::exp(t.logprob[j]))));
+    const double g = coef * (P * std::exp(zk[j] - lse) - std::exp(t.logprob[j]));
+    row[t.index[j]] = static_cast<T>(static_cast<A>(g * dk[j]));
   }
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
                           const double* logprob, const double* tail, int64_t k,
-                          const double* grad_scale, double temperature, Acc<T>* kl, double* lse,
-                          double* lse_tail) {
+                          const double* grad_scale, double temperature, const ZMap<Acc<T>>& zm,
+                          Acc<T>* kl, double* lse, double* lse_tail) {
   using A = Acc<T>;
-  const A inv_tau = static_cast<A>(1.0 / temperature);
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<double> zk(k);
+    std::vector<double> zk(k), dk(k);
     std::vector<T> saved(k);
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const TopkRow t{index + i * k, logprob + i * k, tail[i], k};
-      gather_z(row, t, inv_tau, zk.data());
+      gather_z<T, kCap>(row, t, zm, zk.data(), dk.data());
       for (int64_t j = 0; j < k; ++j) saved[j] = row[t.index[j]];
       for (int64_t j = 0; j < k; ++j) row[t.index[j]] = static_cast<T>(-kInf);
-      // Tail, from the row with the top-k masked out.
-      const double lt = row_lse(row, V, inv_tau);
+      // Tail, from the row with the top-k masked out (−inf stays −inf through the softcap).
+      const double lt = row_lse<T, kCap>(row, V, zm);
       // Top-k, and their union.
       double mk = -kInf;
       for (int64_t j = 0; j < k; ++j) mk = std::max(mk, zk[j]);
@@ -439,7 +686,8 @@ void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
       lse[i] = l;
       lse_tail[i] = lt;
       if (grad_scale != nullptr) {
-        topk_row_grad(row, V, t, zk.data(), l, lt, grad_scale[i] / temperature, inv_tau);
+        topk_row_grad<T, kCap>(row, V, t, zk.data(), dk.data(), l, lt,
+                               grad_scale[i] / temperature, zm);
       } else {
         for (int64_t j = 0; j < k; ++j) row[t.index[j]] = saved[j];
       }
@@ -447,20 +695,19 @@ void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
   });
 }
 
-template <typename T>
+template <typename T, bool kCap>
 void kl_topk_backward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
                            const double* logprob, const double* tail, int64_t k,
                            const double* lse, const double* lse_tail, const double* grad_scale,
-                           double temperature) {
-  const Acc<T> inv_tau = static_cast<Acc<T>>(1.0 / temperature);
+                           double temperature, const ZMap<Acc<T>>& zm) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<double> zk(k);
+    std::vector<double> zk(k), dk(k);
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const TopkRow t{index + i * k, logprob + i * k, tail[i], k};
-      gather_z(row, t, inv_tau, zk.data());
-      topk_row_grad(row, V, t, zk.data(), lse[i], lse_tail[i], grad_scale[i] / temperature,
-                    inv_tau);
+      gather_z<T, kCap>(row, t, zm, zk.data(), dk.data());
+      topk_row_grad<T, kCap>(row, V, t, zk.data(), dk.data(), lse[i], lse_tail[i],
+                             grad_scale[i] / temperature, zm);
     }
   });
 }
@@ -476,6 +723,31 @@ void dispatch(at::ScalarType dtype, Fn&& fn) {
     case at::kDouble: return fn(double{});
     default: TORCH_CHECK_VALUE(false, "x must be float32, bfloat16, float16 or float64, got ", dtype);
   }
+}
+
+// Calls fn(cap, cap_ref) with std::bool_constant flavours of the softcap flags (the reference
+// is only ever capped along with the student).
+template <typename Fn>
+void with_caps(bool cap, bool cap_ref, Fn&& fn) {
+  if (!cap) return fn(std::false_type{}, std::false_type{});
+  if (cap_ref) return fn(std::true_type{}, std::true_type{});
+  fn(std::true_type{}, std::false_type{});
+}
+
+// Calls fn(div) with the std::integral_constant of β's divergence.
+template <typename Fn>
+void with_divergence(double beta, Fn&& fn) {
+  if (beta == 0.0) return fn(std::integral_constant<int, kForward>{});
+  if (beta == 1.0) return fn(std::integral_constant<int, kReverse>{});
+  fn(std::integral_constant<int, kJsd>{});
+}
+
+// The logit maps of KLRowMath for the student (and the reference) in the math type of T.
+template <typename T>
+ZMap<Acc<T>> make_zmap(double temperature, std::optional<double> softcap) {
+  using A = Acc<T>;
+  return {static_cast<A>(1.0 / temperature), softcap ? static_cast<A>(*softcap) : A(0),
+          softcap ? static_cast<A>(1.0 / *softcap) : A(0)};
 }
 
 void check_x(const char* fn, const char* name, const at::Tensor& t, const at::Tensor& like) {
@@ -511,9 +783,12 @@ const int64_t* checked_index(const char* fn, const at::Tensor& index, int64_t n,
   return p;
 }
 
-void check_temperature(const char* fn, double temperature) {
+void check_math(const char* fn, double temperature, std::optional<double> softcap, double beta) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, fn,
                     ": temperature must be positive and finite, got ", temperature);
+  TORCH_CHECK_VALUE(!softcap || (std::isfinite(*softcap) && *softcap > 0.0), fn,
+                    ": softcap must be a positive finite number or None, got ", *softcap);
+  TORCH_CHECK_VALUE(beta >= 0.0 && beta <= 1.0, fn, ": beta must lie in [0, 1], got ", beta);
 }
 
 at::Tensor acc_empty(const at::Tensor& x, int64_t n) {
@@ -521,43 +796,63 @@ at::Tensor acc_empty(const at::Tensor& x, int64_t n) {
                                                                            : at::kFloat));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_forward(
     at::Tensor x, const at::Tensor& x_ref, const std::optional<at::Tensor>& grad_scale,
-    double temperature) {
+    double temperature, std::optional<double> softcap, bool softcap_ref, double beta) {
   constexpr const char* fn = "kl_forward";
   check_x(fn, "x", x, x);
   check_x(fn, "x_ref", x_ref, x);
-  check_temperature(fn, temperature);
+  check_math(fn, temperature, softcap, beta);
   const int64_t n = x.size(0), V = x.size(1);
   const double* scale = grad_scale ? rows_f64(fn, "grad_scale", *grad_scale, n) : nullptr;
   at::Tensor kl = acc_empty(x, n);
   at::Tensor lse = at::empty({n}, x.options().dtype(at::kDouble));
   at::Tensor lse_ref = at::empty({n}, x.options().dtype(at::kDouble));
-  if (n == 0) return {kl, lse, lse_ref};
+  at::Tensor centre = at::empty({n}, x.options().dtype(at::kDouble));
+  if (n == 0) return {kl, lse, lse_ref, centre};
   TORCH_CHECK_VALUE(V > 0, fn, ": x must have V >= 1 columns");
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    kl_forward_impl<T>(x.data_ptr<T>(), x_ref.data_ptr<T>(), n, V, scale, temperature,
-                       kl.data_ptr<Acc<T>>(), lse.data_ptr<double>(), lse_ref.data_ptr<double>());
+    const auto zm = make_zmap<T>(temperature, softcap);
+    const auto zr_map = make_zmap<T>(temperature, softcap_ref ? softcap : std::nullopt);
+    const KlOut<Acc<T>> out{kl.data_ptr<Acc<T>>(), lse.data_ptr<double>(),
+                            lse_ref.data_ptr<double>(), centre.data_ptr<double>()};
+    with_caps(softcap.has_value(), softcap_ref, [&](auto cap, auto cap_ref) {
+      with_divergence(beta, [&](auto div) {
+        kl_forward_impl<T, decltype(cap)::value, decltype(cap_ref)::value, decltype(div)::value>(
+            x.data_ptr<T>(), x_ref.data_ptr<T>(), n, V, scale, temperature, zm, zr_map, beta, out);
+      });
+    });
   });
   if (scale != nullptr) mark_written(x);
-  return {kl, lse, lse_ref};
+  return {kl, lse, lse_ref, centre};
 }
 
 void kl_backward(at::Tensor x, const at::Tensor& x_ref, const at::Tensor& lse,
-                 const at::Tensor& lse_ref, const at::Tensor& grad_scale, double temperature) {
+                 const at::Tensor& lse_ref, const at::Tensor& centre,
+                 const at::Tensor& grad_scale, double temperature, std::optional<double> softcap,
+                 bool softcap_ref, double beta) {
   constexpr const char* fn = "kl_backward";
   check_x(fn, "x", x, x);
   check_x(fn, "x_ref", x_ref, x);
-  check_temperature(fn, temperature);
+  check_math(fn, temperature, softcap, beta);
   const int64_t n = x.size(0), V = x.size(1);
   const double* l = rows_f64(fn, "lse", lse, n);
   const double* lr = rows_f64(fn, "lse_ref", lse_ref, n);
+  const double* k = rows_f64(fn, "centre", centre, n);
   const double* s = rows_f64(fn, "grad_scale", grad_scale, n);
   if (n == 0) return;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    kl_backward_impl<T>(x.data_ptr<T>(), x_ref.data_ptr<T>(), n, V, l, lr, s, temperature);
+    const auto zm = make_zmap<T>(temperature, softcap);
+    const auto zr_map = make_zmap<T>(temperature, softcap_ref ? softcap : std::nullopt);
+    with_caps(softcap.has_value(), softcap_ref, [&](auto cap, auto cap_ref) {
+      with_divergence(beta, [&](auto div) {
+        kl_backward_impl<T, decltype(cap)::value, decltype(cap_ref)::value, decltype(div)::value>(
+            x.data_ptr<T>(), x_ref.data_ptr<T>(), n, V, l, lr, k, s, temperature, zm, zr_map,
+            beta);
+      });
+    });
   });
   mark_written(x);
 }
@@ -565,10 +860,10 @@ void kl_backward(at::Tensor x, const at::Tensor& x_ref, const at::Tensor& lse,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_topk_forward(
     at::Tensor x, const at::Tensor& index, const at::Tensor& logprob,
     const at::Tensor& tail_logprob, const std::optional<at::Tensor>& grad_scale,
-    double temperature) {
+    double temperature, std::optional<double> softcap) {
   constexpr const char* fn = "kl_topk_forward";
   check_x(fn, "x", x, x);
-  check_temperature(fn, temperature);
+  check_math(fn, temperature, softcap, 0.0);
   const int64_t n = x.size(0), V = x.size(1), k = index.dim() == 2 ? index.size(1) : 0;
   const int64_t* idx = checked_index(fn, index, n, V);
   const double* lp = rows_f64(fn, "logprob", logprob, n, k);
@@ -581,9 +876,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_topk_forward(
   TORCH_CHECK_VALUE(k >= 1 && k <= V, fn, ": need 1 <= k <= V, got k=", k, ", V=", V);
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    kl_topk_forward_impl<T>(x.data_ptr<T>(), n, V, idx, lp, lt, k, scale, temperature,
-                            kl.data_ptr<Acc<T>>(), lse.data_ptr<double>(),
-                            lse_tail.data_ptr<double>());
+    const auto zm = make_zmap<T>(temperature, softcap);
+    with_caps(softcap.has_value(), false, [&](auto cap, auto) {
+      kl_topk_forward_impl<T, decltype(cap)::value>(x.data_ptr<T>(), n, V, idx, lp, lt, k, scale,
+                                                    temperature, zm, kl.data_ptr<Acc<T>>(),
+                                                    lse.data_ptr<double>(),
+                                                    lse_tail.data_ptr<double>());
+    });
   });
   mark_written(x);  // the top-k entries are masked and restored even without a gradient
   return {kl, lse, lse_tail};
@@ -592,10 +891,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_topk_forward(
 void kl_topk_backward(at::Tensor x, const at::Tensor& index, const at::Tensor& logprob,
                       const at::Tensor& tail_logprob, const at::Tensor& lse,
                       const at::Tensor& lse_tail, const at::Tensor& grad_scale,
-                      double temperature) {
+                      double temperature, std::optional<double> softcap) {
   constexpr const char* fn = "kl_topk_backward";
   check_x(fn, "x", x, x);
-  check_temperature(fn, temperature);
+  check_math(fn, temperature, softcap, 0.0);
   const int64_t n = x.size(0), V = x.size(1), k = index.dim() == 2 ? index.size(1) : 0;
   const int64_t* idx = checked_index(fn, index, n, V);
   const double* lp = rows_f64(fn, "logprob", logprob, n, k);
@@ -607,7 +906,11 @@ void kl_topk_backward(at::Tensor x, const at::Tensor& index, const at::Tensor& l
   TORCH_CHECK_VALUE(k >= 1 && k <= V, fn, ": need 1 <= k <= V, got k=", k, ", V=", V);
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    kl_topk_backward_impl<T>(x.data_ptr<T>(), n, V, idx, lp, lt, k, l, ltl, s, temperature);
+    const auto zm = make_zmap<T>(temperature, softcap);
+    with_caps(softcap.has_value(), false, [&](auto cap, auto) {
+      kl_topk_backward_impl<T, decltype(cap)::value>(x.data_ptr<T>(), n, V, idx, lp, lt, k, l,
+                                                     ltl, s, temperature, zm);
+    });
   });
   mark_written(x);
 }
@@ -616,21 +919,25 @@ namespace py = pybind11;
 
 RegisterBindings reg([](py::module_& m) {
   m.def("kl_forward", &kl_forward, py::arg("x"), py::arg("x_ref"), py::arg("grad_scale"),
-        py::arg("temperature"), py::call_guard<py::gil_scoped_release>(),
-        "Per-row KL(softmax(x_ref/t) || softmax(x/t)) -> (kl, lse, lse_ref); with grad_scale s "
-        "(float64), x is overwritten by s (q - p) / t.");
-  m.def("kl_backward", &kl_backward, py::arg("x"), py::arg("x_ref"), py::arg("lse"),
-        py::arg("lse_ref"), py::arg("grad_scale"), py::arg("temperature"),
+        py::arg("temperature"), py::arg("softcap"), py::arg("softcap_ref"), py::arg("beta"),
         py::call_guard<py::gil_scoped_release>(),
-        "Overwrite x with s (q - p) / t from the saved float64 log-normalisers.");
+        "Per-row divergence of KLRowMath (beta 0 forward KL, 1 reverse KL, else JSD) between "
+        "softmax(cap(x)/t) and softmax(x_ref/t) -> (kl, lse, lse_ref, centre); with grad_scale "
+        "s (float64), x is overwritten by s d(kl)/dx.");
+  m.def("kl_backward", &kl_backward, py::arg("x"), py::arg("x_ref"), py::arg("lse"),
+        py::arg("lse_ref"), py::arg("centre"), py::arg("grad_scale"), py::arg("temperature"),
+        py::arg("softcap"), py::arg("softcap_ref"), py::arg("beta"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Overwrite x with s d(kl)/dx from the saved float64 log-normalisers and centre.");
   m.def("kl_topk_forward", &kl_topk_forward, py::arg("x"), py::arg("index"), py::arg("logprob"),
         py::arg("tail_logprob"), py::arg("grad_scale"), py::arg("temperature"),
-        py::call_guard<py::gil_scoped_release>(),
+        py::arg("softcap"), py::call_guard<py::gil_scoped_release>(),
         "Per-row top-k KL from reference top-k log-probs and tail log-mass -> (kl, lse, "
         "lse_tail); with grad_scale s, x is overwritten by the gradient times s / t.");
   m.def("kl_topk_backward", &kl_topk_backward, py::arg("x"), py::arg("index"),
         py::arg("logprob"), py::arg("tail_logprob"), py::arg("lse"), py::arg("lse_tail"),
-        py::arg("grad_scale"), py::arg("temperature"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("grad_scale"), py::arg("temperature"), py::arg("softcap"),
+        py::call_guard<py::gil_scoped_release>(),
         "Overwrite x with the top-k KL gradient times s / t from the saved lse and lse_tail.");
 });
 

@@ -18,10 +18,20 @@ _C = pytest.importorskip("unlearn_kernels._C", reason="unlearn_kernels._C is not
 if not hasattr(_C, "ce_forward"):
     pytest.skip("unlearn_kernels._C was built without the CE epilogue", allow_module_level=True)
 
+from unlearn_kernels._options import CERowMath  # noqa: E402
 from unlearn_kernels.backends import cpu_backend, torch_backend  # noqa: E402
 
 FP32_TOL = 1e-5
 CAPS = [None, 30.0]
+
+
+def ce_forward(backend, x, target, grad_scale, softcap):
+    """``backend``'s epilogue for the plain cross-entropy (only softcap set): ``(loss, lse)``."""
+    return tuple(backend.ce_forward(x, target, grad_scale, CERowMath(softcap=softcap))[:2])
+
+
+def ce_backward(backend, x, target, lse, grad_scale, softcap):
+    return backend.ce_backward(x, target, lse, grad_scale, CERowMath(softcap=softcap))
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +123,7 @@ def test_forward_with_grad_fp32(shape: tuple[int, int], kind: str, softcap: floa
 
     poisoned_empty_heap(n)
     out = x.clone()
-    loss, lse = cpu_backend.ce_forward(out, target, scale, softcap)
+    loss, lse = ce_forward(cpu_backend, out, target, scale, softcap)
 
     assert loss.dtype == torch.float32 and lse.dtype == torch.float64
     assert loss.shape == lse.shape == (n,)
@@ -138,7 +148,7 @@ def test_forward_without_grad_leaves_x(softcap: float | None) -> None:
     out = x.clone()
     version = out._version
     poisoned_empty_heap(n)
-    loss, lse = cpu_backend.ce_forward(out, target, None, softcap)
+    loss, lse = ce_forward(cpu_backend, out, target, None, softcap)
     assert torch.equal(out, x) and out._version == version
     assert rel_err(loss, ref_loss) < FP32_TOL
     assert rel_err(lse, ref_lse) < FP32_TOL
@@ -151,12 +161,12 @@ def test_backward_fp32(shape: tuple[int, int], softcap: float | None) -> None:
     x = make_logits(n, vocab, "normal")
     target = torch.randint(0, vocab, (n,))
     scale = make_scale(n)
-    _, lse = cpu_backend.ce_forward(x.clone(), target, None, softcap)
+    _, lse = ce_forward(cpu_backend, x.clone(), target, None, softcap)
     _, ref_lse, ref_grad = oracle(x, target, scale, softcap)
     assert lse.dtype == torch.float64 and rel_err(lse, ref_lse) < FP32_TOL
     out = x.clone()
     version = out._version
-    assert cpu_backend.ce_backward(out, target, lse, scale, softcap) is None
+    assert ce_backward(cpu_backend, out, target, lse, scale, softcap) is None
     assert out._version > version
     assert torch.isfinite(out).all()
     assert rel_err(out, ref_grad) < FP32_TOL
@@ -171,15 +181,15 @@ def test_backward_large_logits(kind: str, softcap: float | None) -> None:
     x = make_logits(n, vocab, kind)
     target = torch.randint(0, vocab, (n,))
     scale = make_scale(n)
-    _, lse = cpu_backend.ce_forward(x.clone(), target, None, softcap)
+    _, lse = ce_forward(cpu_backend, x.clone(), target, None, softcap)
     _, _, ref_grad = oracle(x, target, scale, softcap)
     out = x.clone()
-    cpu_backend.ce_backward(out, target, lse, scale, softcap)
+    ce_backward(cpu_backend, out, target, lse, scale, softcap)
     assert rel_err(out, ref_grad) < FP32_TOL
     # An fp32 lse is also accepted, and then used as given.
     out32 = x.clone()
     lse32 = lse.float()
-    cpu_backend.ce_backward(out32, target, lse32, scale, softcap)
+    ce_backward(cpu_backend, out32, target, lse32, scale, softcap)
     assert rel_err(out32, oracle_grad_from_lse(x, target, lse32, scale, softcap)) < FP32_TOL
 
 
@@ -193,12 +203,12 @@ def test_float64(kind: str, softcap: float | None) -> None:
     scale = make_scale(n).double()
     ref_loss, ref_lse, ref_grad = oracle(x, target, scale, softcap)
     out = x.clone()
-    loss, lse = cpu_backend.ce_forward(out, target, scale, softcap)
+    loss, lse = ce_forward(cpu_backend, out, target, scale, softcap)
     assert loss.dtype == lse.dtype == torch.float64
     assert rel_err(loss, ref_loss) < 1e-12 and rel_err(lse, ref_lse) < 1e-12
     assert rel_err(out, ref_grad) < 1e-12
     back = x.clone()
-    cpu_backend.ce_backward(back, target, lse, scale, softcap)
+    ce_backward(cpu_backend, back, target, lse, scale, softcap)
     assert rel_err(back, ref_grad) < 1e-12
 
 
@@ -215,9 +225,9 @@ def test_half_precision_matches_torch_reference(
     ref_loss, ref_lse, ref_grad = oracle(x, target, scale, softcap)
 
     ours = x.clone()
-    loss, lse = cpu_backend.ce_forward(ours, target, scale, softcap)
+    loss, lse = ce_forward(cpu_backend, ours, target, scale, softcap)
     theirs = x.clone()
-    torch_loss, _ = torch_backend.ce_forward(theirs, target, scale, softcap)
+    torch_loss, _ = ce_forward(torch_backend, theirs, target, scale, softcap)
 
     assert ours.dtype == dtype and torch.isfinite(ours).all()
     # Loss and lse are fp32 math on exactly representable inputs.
@@ -228,9 +238,9 @@ def test_half_precision_matches_torch_reference(
     assert rel_err(loss, ref_loss) <= 1.02 * rel_err(torch_loss, ref_loss) + FP32_TOL
 
     back = x.clone()
-    cpu_backend.ce_backward(back, target, lse, scale, softcap)
+    ce_backward(cpu_backend, back, target, lse, scale, softcap)
     torch_back = x.clone()
-    torch_backend.ce_backward(torch_back, target, lse, scale, softcap)
+    ce_backward(torch_backend, torch_back, target, lse, scale, softcap)
     ref_back = oracle_grad_from_lse(x, target, lse, scale, softcap)
     assert rel_err(back, ref_back) <= 1.02 * rel_err(torch_back, ref_back) + 1e-7
 
@@ -246,7 +256,7 @@ def test_rows_split_across_threads_are_all_written(shape: tuple[int, int]) -> No
     for _ in range(3):
         poisoned_empty_heap(n)
         out = x.clone()
-        loss, lse = cpu_backend.ce_forward(out, target, scale, None)
+        loss, lse = ce_forward(cpu_backend, out, target, scale, None)
         assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
         assert torch.allclose(loss.double(), ref_loss, rtol=1e-5, atol=1e-5)
         assert torch.allclose(lse.double(), ref_lse, rtol=1e-6, atol=1e-5)
@@ -258,12 +268,12 @@ def test_single_column_and_empty() -> None:
     target = torch.zeros(4, dtype=torch.long)
     for softcap in CAPS:
         out = x.clone()
-        loss, lse = cpu_backend.ce_forward(out, target, torch.ones(4), softcap)
+        loss, lse = ce_forward(cpu_backend, out, target, torch.ones(4), softcap)
         assert (loss == 0).all() and (out == 0).all()
         z = x[:, 0] if softcap is None else softcap * torch.tanh(x[:, 0] / softcap)
         assert torch.allclose(lse, z.double(), rtol=1e-6)
-    loss, lse = cpu_backend.ce_forward(
-        torch.empty(0, 10), torch.empty(0, dtype=torch.long), torch.empty(0), None
+    loss, lse = ce_forward(
+        cpu_backend, torch.empty(0, 10), torch.empty(0, dtype=torch.long), torch.empty(0), None
     )
     assert loss.shape == lse.shape == (0,)
 
@@ -274,7 +284,7 @@ def test_nan_logit_poisons_only_its_row() -> None:
     x[2, 17] = float("nan")
     target = torch.randint(0, vocab, (n,))
     out = x.clone()
-    loss, lse = cpu_backend.ce_forward(out, target, torch.ones(n), None)
+    loss, lse = ce_forward(cpu_backend, out, target, torch.ones(n), None)
     assert loss[2].isnan() and lse[2].isnan() and out[2].isnan().all()
     keep = torch.arange(n) != 2
     ref_loss, _, ref_grad = oracle(x[keep], target[keep], torch.ones(n - 1), None)
@@ -289,18 +299,18 @@ def test_invalid_arguments_raise_value_error_before_writing() -> None:
     scale = torch.ones(n)
     lse = torch.zeros(n)
     bad_calls = [
-        lambda t: cpu_backend.ce_forward(t, torch.full((n,), vocab), scale, None),
-        lambda t: cpu_backend.ce_forward(t, torch.full((n,), -100), scale, None),
-        lambda t: cpu_backend.ce_backward(t, torch.full((n,), vocab), lse, scale, None),
-        lambda t: cpu_backend.ce_forward(t, good_target.int(), scale, None),
-        lambda t: cpu_backend.ce_forward(t, good_target[:-1], scale, None),
-        lambda t: cpu_backend.ce_forward(t, good_target, scale.int(), None),
-        lambda t: cpu_backend.ce_forward(t, good_target, scale[:-1], None),
-        lambda t: cpu_backend.ce_forward(t, good_target, scale, 0.0),
-        lambda t: cpu_backend.ce_forward(t, good_target, scale, float("inf")),
-        lambda t: cpu_backend.ce_backward(t, good_target, lse[:-1], scale, None),
-        lambda t: cpu_backend.ce_forward(t.int(), good_target, scale, None),
-        lambda t: cpu_backend.ce_forward(t[0], good_target[:1], scale[:1], None),
+        lambda t: ce_forward(cpu_backend, t, torch.full((n,), vocab), scale, None),
+        lambda t: ce_forward(cpu_backend, t, torch.full((n,), -100), scale, None),
+        lambda t: ce_backward(cpu_backend, t, torch.full((n,), vocab), lse, scale, None),
+        lambda t: ce_forward(cpu_backend, t, good_target.int(), scale, None),
+        lambda t: ce_forward(cpu_backend, t, good_target[:-1], scale, None),
+        lambda t: ce_forward(cpu_backend, t, good_target, scale.int(), None),
+        lambda t: ce_forward(cpu_backend, t, good_target, scale[:-1], None),
+        lambda t: ce_forward(cpu_backend, t, good_target, scale, 0.0),
+        lambda t: ce_forward(cpu_backend, t, good_target, scale, float("inf")),
+        lambda t: ce_backward(cpu_backend, t, good_target, lse[:-1], scale, None),
+        lambda t: ce_forward(cpu_backend, t.int(), good_target, scale, None),
+        lambda t: ce_forward(cpu_backend, t[0], good_target[:1], scale[:1], None),
     ]
     for call in bad_calls:
         out = x.clone()
@@ -309,4 +319,4 @@ def test_invalid_arguments_raise_value_error_before_writing() -> None:
         assert torch.equal(out, x)
     wide = torch.randn(vocab, n)
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_backend.ce_forward(wide.t(), good_target, scale, None)
+        ce_forward(cpu_backend, wide.t(), good_target, scale, None)

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
+from unlearn_kernels._options import CERowMath  # noqa: E402
 from unlearn_kernels.backends import triton_backend  # noqa: E402
 from unlearn_kernels.backends.triton_cross_entropy import triton_interpreter_active  # noqa: E402
 
@@ -47,6 +48,15 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def ce_forward(backend, x, target, grad_scale, softcap):
+    """``backend``'s epilogue for the plain cross-entropy (only softcap set): ``(loss, lse)``."""
+    return tuple(backend.ce_forward(x, target, grad_scale, CERowMath(softcap=softcap))[:2])
+
+
+def ce_backward(backend, x, target, lse, grad_scale, softcap):
+    return backend.ce_backward(x, target, lse, grad_scale, CERowMath(softcap=softcap))
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -129,13 +139,13 @@ def test_forward_backward_fp32(n, V, scale, cap):
 
     # forward without gradient leaves x untouched
     x_nograd = x.clone()
-    loss0, lse0 = triton_backend.ce_forward(x_nograd, target, None, cap)
+    loss0, lse0 = ce_forward(triton_backend, x_nograd, target, None, cap)
     assert torch.equal(x_nograd, x)
     assert rel(loss0, loss_ref) < 1e-5 and rel(lse0, lse_ref) < 1e-5
 
     # forward with gradient written over x
     xg = x.clone()
-    loss, lse = triton_backend.ce_forward(xg, target, grad_scale, cap)
+    loss, lse = ce_forward(triton_backend, xg, target, grad_scale, cap)
     assert loss.dtype == torch.float32 and lse.dtype == torch.float64
     assert rel(loss, loss_ref) < 1e-5
     assert rel(lse, lse_ref) < 1e-5
@@ -146,7 +156,7 @@ def test_forward_backward_fp32(n, V, scale, cap):
     # even at logits of 1e4 the rebuilt softmax is exact to fp32 (an fp32 lse alone would
     # be off by its rounding, ulp/2 = 1e-3 there).
     xb = x.clone()
-    triton_backend.ce_backward(xb, target, lse, grad_scale, cap)
+    ce_backward(triton_backend, xb, target, lse, grad_scale, cap)
     assert rel(xb, grad_ref) < 1e-5
 
 
@@ -161,7 +171,7 @@ def test_low_precision(n, V, scale, dtype, cap):
     loss_ref, lse_ref, grad_ref = oracle(x, target, grad_scale, cap)
 
     xg = x.clone()
-    loss, lse = triton_backend.ce_forward(xg, target, grad_scale, cap)
+    loss, lse = ce_forward(triton_backend, xg, target, grad_scale, cap)
     assert xg.dtype == dt
     # loss and lse are fp32 reductions of the exact upcast inputs: fp32 accuracy
     assert rel(loss, loss_ref) < 1e-5
@@ -175,7 +185,7 @@ def test_low_precision(n, V, scale, dtype, cap):
     assert (xg != grad_ref.to(dt)).double().mean().item() < 1e-3
 
     xb = x.clone()
-    triton_backend.ce_backward(xb, target, lse, grad_scale, cap)
+    ce_backward(triton_backend, xb, target, lse, grad_scale, cap)
     assert rel(xb, grad_ref) <= 1.05 * err_torch + 1e-7
 
 
@@ -184,10 +194,10 @@ def test_rejects_bad_input():
     x = torch.randn(4, 10)
     target = torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match="unit column stride"):
-        triton_backend.ce_forward(x.t().contiguous().t(), target, None, None)
+        ce_forward(triton_backend, x.t().contiguous().t(), target, None, None)
     with pytest.raises(ValueError, match="target"):
-        triton_backend.ce_forward(x, target[:3], None, None)
-    loss, lse = triton_backend.ce_forward(x[:0], target[:0], None, None)
+        ce_forward(triton_backend, x, target[:3], None, None)
+    loss, lse = ce_forward(triton_backend, x[:0], target[:0], None, None)
     assert loss.shape == lse.shape == (0,)
 
 

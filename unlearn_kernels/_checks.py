@@ -17,6 +17,7 @@ from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
+KL_REDUCTIONS = ("mean", "sum", "none", "batchmean")
 LABEL_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16)
 #: Rows per block when a per-row reference tensor (possibly memory-mapped) is checked.
@@ -78,7 +79,12 @@ def check_log_values(
 
 
 def check_linear(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, *, weight_name: str = "weight"
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    *,
+    weight_name: str = "weight",
+    bias_name: str = "bias",
 ) -> tuple[int, int]:
     """Check ``hidden [N, d] | [B, T, d]``, ``weight [V, d]``, ``bias [V]``; return ``(V, d)``."""
     check_tensor("hidden", hidden)
@@ -99,17 +105,19 @@ def check_linear(
         raise ValueError(f"{weight_name} has an empty vocabulary (V=0)")
     if weight.dtype != hidden.dtype:
         raise ValueError(
-            f"{weight_name} dtype {weight.dtype} must match hidden dtype {hidden.dtype}"
+            f"{weight_name} dtype {weight.dtype} must match hidden dtype {hidden.dtype} "
+            "(or call the loss under torch.autocast, which casts both to its dtype)"
         )
     if weight.device != hidden.device:
         raise ValueError(f"{weight_name} is on {weight.device} but hidden is on {hidden.device}")
     if bias is not None:
-        check_tensor("bias", bias)
+        check_tensor(bias_name, bias)
         if bias.shape != (vocab,):
-            raise ValueError(f"bias must be [V]=[{vocab}], got {tuple(bias.shape)}")
+            raise ValueError(f"{bias_name} must be [V]=[{vocab}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype or bias.device != hidden.device:
             raise ValueError(
-                f"bias must be {hidden.dtype} on {hidden.device}, got {bias.dtype} on {bias.device}"
+                f"{bias_name} must be {hidden.dtype} on {hidden.device}, "
+                f"got {bias.dtype} on {bias.device}"
             )
     return vocab, d
 
@@ -177,9 +185,14 @@ def _positive_float(name: str, value: object) -> float:
     return float(value)
 
 
-def check_options(reduction: str, chunk_size: int | None, softcap: float | None = None) -> None:
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+def check_options(
+    reduction: str,
+    chunk_size: int | None,
+    softcap: float | None = None,
+    reductions: tuple[str, ...] = REDUCTIONS,
+) -> None:
+    if not isinstance(reduction, str) or reduction not in reductions:
+        raise ValueError(f"reduction must be one of {reductions}, got {reduction!r}")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0
     ):
@@ -191,6 +204,49 @@ def check_options(reduction: str, chunk_size: int | None, softcap: float | None 
 def check_temperature(temperature: float) -> float:
     """``τ`` as a positive finite float."""
     return _positive_float("temperature", temperature)
+
+
+def check_flags(**flags: object) -> None:
+    """Each flag is a ``bool``."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_real(
+    name: str, value: object, low: float, high: float, *, high_open: bool = False
+) -> float:
+    """A real number in ``[low, high]`` (``[low, high)`` with ``high_open``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    above = value >= high if high_open else value > high
+    if not low <= value or above:
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must lie in [{low:g}, {high:g}{right}, got {value!r}")
+    return value
+
+
+def check_class_weight(
+    class_weight: Tensor | None, vocab: int | None = None, device: torch.device | None = None
+) -> None:
+    """``class_weight`` is a finite, non-negative float ``[V]`` (``[vocab]`` and on ``device``
+    when given)."""
+    if class_weight is None:
+        return
+    check_tensor("class_weight", class_weight)
+    shape_ok = class_weight.dim() == 1 and vocab in (None, class_weight.shape[0])
+    if not shape_ok or not class_weight.is_floating_point():
+        expected = "[V]" if vocab is None else f"[V]=[{vocab}]"
+        raise ValueError(
+            f"class_weight must be a float tensor of shape {expected}, "
+            f"got {class_weight.dtype} of shape {tuple(class_weight.shape)}"
+        )
+    if device is not None and class_weight.device != device:
+        raise ValueError(f"class_weight is on {class_weight.device} but hidden is on {device}")
+    values = class_weight.detach()
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError("class_weight must hold finite, non-negative values")
 
 
 def loss_rows(
@@ -220,10 +276,12 @@ def check_reference(
     weight: Tensor,
     ref_hidden: Tensor | None,
     ref_weight: Tensor | None,
+    ref_bias: Tensor | None,
     ref_logits: Tensor | None,
 ) -> None:
-    """Exactly one of ``ref_hidden`` (``hidden``'s shape, any float dtype) and ``ref_logits``
-    (``hidden``'s leading shape × V, any float dtype and device)."""
+    """Exactly one of ``ref_hidden`` (``hidden``'s shape, any float dtype; with the reference
+    head ``ref_weight``/``ref_bias`` in ``hidden``'s dtype) and ``ref_logits`` (``hidden``'s
+    leading shape × V, any float dtype and device)."""
     if (ref_hidden is None) == (ref_logits is None):
         raise ValueError("pass exactly one of ref_hidden (exact) and ref_logits (streamed)")
     vocab = weight.shape[0]
@@ -240,15 +298,17 @@ def check_reference(
                 f"got {ref_hidden.dtype} on {ref_hidden.device}"
             )
         if ref_weight is not None:
-            check_linear(hidden, ref_weight, None, weight_name="ref_weight")
+            check_linear(
+                hidden, ref_weight, ref_bias, weight_name="ref_weight", bias_name="ref_bias"
+            )
             if ref_weight.shape[0] != vocab:
                 raise ValueError(
                     f"ref_weight must be [V, d] = {tuple(weight.shape)} like weight, "
                     f"got {tuple(ref_weight.shape)}"
                 )
         return
-    if ref_weight is not None:
-        raise ValueError("ref_weight is only used with ref_hidden, not with ref_logits")
+    if ref_weight is not None or ref_bias is not None:
+        raise ValueError("ref_weight and ref_bias are only used with ref_hidden, not ref_logits")
     check_tensor("ref_logits", ref_logits)
     expected = (*hidden.shape[:-1], vocab)
     if tuple(ref_logits.shape) != expected:

@@ -5,7 +5,7 @@ Same contract as :func:`unlearn_kernels.backends.torch_backend.ce_forward` /
 chunk of raw logits ``x`` (``[n, V]``, unit column stride, fp32/bf16/fp16) and the epilogue
 finishes the loss in fp32, optionally overwriting ``x`` with the gradient.
 
-Math, for row ``i`` with target ``y_i`` and optional softcap ``c``::
+Math, for row ``i`` with target ``y_i`` and optional softcap ``c`` (every loss option off)::
 
     z_i    = c·tanh(x_i / c)            (z_i = x_i without softcap)
     lse_i  = log Σ_v exp(z_iv)           (online: running max m, running sum s·exp(−m))
@@ -13,7 +13,12 @@ Math, for row ``i`` with target ``y_i`` and optional softcap ``c``::
     ∂ℓ/∂x  = s_i · (exp(z_i − lse_i) − e_{y_i}) · sech²(x_i / c)
 
 where ``s_i`` is ``grad_scale[i]`` and ``sech² = 1 − tanh² = 1 − (z/c)²`` (computed as
-``4e/(1+e)²`` with ``e = exp(−2|x/c|)``, which has no cancellation when ``|x| ≫ c``).
+``4e/(1+e)²`` with ``e = exp(−2|x/c|)``, which has no cancellation when ``|x| ≫ c``). The
+options of :class:`~unlearn_kernels._options.CERowMath` change only per-row scalars (class
+weight ``c_y``, z-loss, token scaling: the factors ``a, P, c_eps`` of :func:`_row_factors`), plus,
+under the constexpr flags, a per-lane sum of ``c_v (z_v − z_y)`` in pass 1 and a ``(ε/V) c_v``
+term in pass 2 (``SMOOTH``, ``HAS_CLASS_WEIGHT``) and the first column of the running maximum
+(``ARGMAX``).
 
 Kernel layout: one program owns ``BLOCK_N`` rows (1 on a GPU with a real vocabulary) and
 walks the vocabulary in ``BLOCK_V`` columns. Pass 1 keeps a running row max (one max
@@ -49,6 +54,7 @@ from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from unlearn_kernels._options import CERowMath, CERows
 from unlearn_kernels.backends.torch_backend import split_lse
 
 __all__ = [
@@ -118,35 +124,76 @@ def _cast_rne(g, dtype: tl.constexpr):
         return g.to(dtype)
 
 
+@device_function
+def _row_factors(nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling):
+    """Gradient factors of a row (see :mod:`~unlearn_kernels.backends.torch_backend`):
+    ``(a, P, c_eps)`` with ``a = sπ``, ``P = (1 − ε) c_y + εC/V + 2 s c_y lse`` and
+    ``c_eps = (1 − ε + ε/V) c_y``; every option off gives ``(s, 1, 1)``."""
+    a = tl.where(token_scaling != 0, scale * tl.exp(-nll), scale)
+    big_p = (1.0 - eps) * c_y + eps * class_sum * inv_v + 2.0 * z_scale * c_y * lse
+    return a, big_p, (1.0 - eps + eps * inv_v) * c_y
+
+
+@device_function
+def _grad_tile(p, is_target, a, big_p, c_eps, w, eps_v, SMOOTH: tl.constexpr):
+    """``a (P p − (ε/V) w)`` off the target, ``a (P p − c_eps)`` at it."""
+    if SMOOTH:
+        off = tl.where(is_target, c_eps[:, None], eps_v * w)
+    else:
+        off = tl.where(is_target, c_eps[:, None], 0.0)
+    return (p * big_p[:, None] - off) * a[:, None]
+
+
 @triton.jit
 def _ce_fwd_kernel(
     x_ptr,
     target_ptr,
     grad_scale_ptr,
+    cw_ptr,
     loss_ptr,
     lse_ptr,
     lse_lo_ptr,
+    z_part_ptr,
+    argmax_ptr,
     n_rows,
     V,
     stride_x,
     softcap,
     inv_softcap,
+    eps,
+    class_sum,
+    z_scale,
+    token_scaling,
     HAS_GRAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    RETURN_Z: tl.constexpr,
+    ARGMAX: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per-row ``loss``/``lse``; with ``HAS_GRAD`` also the gradient written over ``x``."""
+    """Per-row ``loss``/``lse`` (and, as asked, the z-loss part and the argmax); with
+    ``HAS_GRAD`` also the gradient written over ``x``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     row_off = rows.to(tl.int64) * stride_x
     cols0 = tl.arange(0, BLOCK_V)
+    tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
+    x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_t, _ = _softcap(x_t, softcap, inv_softcap)
 
     # ---- pass 1: online max / rescaled sum, fp32 -------------------------------------------
     # m: running row max (one reduction per block); acc: per-lane partial sums of exp(z − m),
     # rescaled by the scalar exp(m_old − m_new) and reduced once per row after the loop.
+    # SMOOTH: spread, per-lane partial sums of c_v (z_v − z_y); ARGMAX: the first column of m.
     m = tl.full([BLOCK_N], float("-inf"), tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if SMOOTH:
+        spread = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if ARGMAX:
+        arg = tl.zeros([BLOCK_N], tl.int32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_ok[:, None] & (cols < V)[None, :]
@@ -154,8 +201,18 @@ def _ce_fwd_kernel(
         z = x.to(tl.float32)
         if HAS_SOFTCAP:
             z, e = _softcap(z, softcap, inv_softcap)
+        if SMOOTH:
+            d = tl.where(mask, z - x_t[:, None], 0.0)
+            if HAS_CLASS_WEIGHT:
+                w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+                d = d * w[None, :]
+            spread += d
         z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        block_max = tl.max(z, axis=1)
+        if ARGMAX:  # the block's first column holding its maximum, if that beats the row's
+            first = tl.min(tl.where(z == block_max[:, None], cols[None, :], V), axis=1)
+            arg = tl.where(block_max > m, first, arg)
+        m_new = tl.maximum(m, block_max)
         # padding rows keep m = −inf: shift them by 0 instead (exp(−inf − 0) = 0, no NaN)
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         acc = acc * tl.exp(m - shift)[:, None] + tl.exp(z - shift[:, None])
@@ -168,21 +225,36 @@ def _ce_fwd_kernel(
     # m = 0, log s = 0, so pass 2 stays finite on them too.
     m = tl.where(row_ok, m, 0.0)
     log_s = tl.log(tl.where(row_ok, s, 1.0))
-    tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_t, _ = _softcap(x_t, softcap, inv_softcap)
     # lse leaves as the pair hi + lo (hi = fl(m + log s), lo its rounding error, exact by
     # Fast2Sum since |m| ≥ |log s| wherever it matters): the backward rebuilds exp(z − lse)
     # as exp((z − hi) − lo) at full precision.
     lse_hi = m + log_s
     tl.store(lse_ptr + rows, lse_hi, mask=row_ok)
     tl.store(lse_lo_ptr + rows, (m - lse_hi) + log_s, mask=row_ok)
-    tl.store(loss_ptr + rows, (m - x_t) + log_s, mask=row_ok)
+    if ARGMAX:
+        tl.store(argmax_ptr + rows, arg.to(tl.int64), mask=row_ok)
+
+    # ---- the row's loss (CERowMath): every option off leaves loss = nll ----------------------
+    nll = (m - x_t) + log_s
+    c_y = tl.full([BLOCK_N], 1.0, tl.float32)
+    if HAS_CLASS_WEIGHT:
+        c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
+    inv_v = 1.0 / V
+    loss = c_y * nll
+    if SMOOTH:
+        loss = (1.0 - eps) * loss + (eps * inv_v) * (class_sum * nll - tl.sum(spread, axis=1))
+    z_part = c_y * z_scale * lse_hi * lse_hi
+    pi = tl.where(token_scaling != 0, tl.exp(-nll), 1.0)
+    tl.store(loss_ptr + rows, pi * (loss + z_part), mask=row_ok)
+    if RETURN_Z:
+        tl.store(z_part_ptr + rows, pi * z_part, mask=row_ok)
 
     # ---- pass 2: gradient over x ------------------------------------------------------------
     if HAS_GRAD:
         scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        a, big_p, c_eps = _row_factors(
+            nll, lse_hi, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
+        )
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = row_ok[:, None] & (cols < V)[None, :]
@@ -192,7 +264,12 @@ def _ce_fwd_kernel(
             if HAS_SOFTCAP:
                 z, e = _softcap(z, softcap, inv_softcap)
             p = tl.exp((z - m[:, None]) - log_s[:, None])
-            g = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p) * scale[:, None]
+            w = 1.0
+            if HAS_CLASS_WEIGHT and SMOOTH:
+                w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+            g = _grad_tile(
+                p, cols[None, :] == tgt[:, None], a, big_p, c_eps, w, eps * inv_v, SMOOTH
+            )
             if HAS_SOFTCAP:
                 one_e = 1.0 + e
                 g = g * (4.0 * e / (one_e * one_e))
@@ -206,12 +283,19 @@ def _ce_bwd_kernel(
     lse_ptr,
     lse_lo_ptr,
     grad_scale_ptr,
+    cw_ptr,
     n_rows,
     V,
     stride_x,
     softcap,
     inv_softcap,
+    eps,
+    class_sum,
+    z_scale,
+    token_scaling,
     HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -225,6 +309,17 @@ def _ce_bwd_kernel(
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_t, _ = _softcap(x_t, softcap, inv_softcap)
+    c_y = tl.full([BLOCK_N], 1.0, tl.float32)
+    if HAS_CLASS_WEIGHT:
+        c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
+    inv_v = 1.0 / V
+    nll = (lse - x_t) + lse_lo
+    a, big_p, c_eps = _row_factors(
+        nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
+    )
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_ok[:, None] & (cols < V)[None, :]
@@ -234,7 +329,10 @@ def _ce_bwd_kernel(
         if HAS_SOFTCAP:
             z, e = _softcap(z, softcap, inv_softcap)
         p = tl.exp((z - lse[:, None]) - lse_lo[:, None])
-        g = tl.where(cols[None, :] == tgt[:, None], p - 1.0, p) * scale[:, None]
+        w = 1.0
+        if HAS_CLASS_WEIGHT and SMOOTH:
+            w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
+        g = _grad_tile(p, cols[None, :] == tgt[:, None], a, big_p, c_eps, w, eps * inv_v, SMOOTH)
         if HAS_SOFTCAP:
             one_e = 1.0 + e
             g = g * (4.0 * e / (one_e * one_e))
@@ -250,9 +348,13 @@ def _ce_bwd_kernel(
 # per row and a grid of n rows (thousands) to fill every SM. 4096 columns (16 per thread)
 # needed 80 registers and spilled on sm_80 with fp32 + softcap + gradient; 2048 stays at
 # ≤ 59 registers, ≥ 32 resident warps per SM (benchmarks/results/triton_ptxas.md). Small V
-# packs several rows per program.
+# packs several rows per program. Options that keep more live values per logit (label smoothing
+# and the argmax in CE; softcap and the reverse KL / JSD in KL) need up to 80 registers at 8
+# logits per thread: those kernels run 16 warps (4 logits per thread per step; 32–54
+# registers, the same ≥ 32 resident warps).
 GPU_BLOCK_V = 2048
 GPU_NUM_WARPS = 8
+GPU_HEAVY_NUM_WARPS = 16
 # Interpreter: its cost is per step and per program, not per element, so use big tiles.
 INTERP_BLOCK_V = 8192
 INTERP_TILE = 1 << 16
@@ -274,8 +376,9 @@ def _interpreted(device: torch.device) -> bool:
     return False
 
 
-def launch_config(n: int, V: int, interpreted: bool) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_V, num_warps)`` for an ``[n, V]`` chunk."""
+def launch_config(n: int, V: int, interpreted: bool, heavy: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_V, num_warps)`` for an ``[n, V]`` chunk; ``heavy`` for a kernel
+    flavour with more live values per logit (see ``GPU_HEAVY_NUM_WARPS``)."""
     if interpreted:
         block_v = min(triton.next_power_of_2(V), INTERP_BLOCK_V)
         block_n = max(1, min(triton.next_power_of_2(n), INTERP_TILE // block_v))
@@ -283,6 +386,8 @@ def launch_config(n: int, V: int, interpreted: bool) -> tuple[int, int, int]:
     block_v = min(triton.next_power_of_2(V), GPU_BLOCK_V)
     block_n = max(1, min(triton.next_power_of_2(n), GPU_BLOCK_V // block_v))
     num_warps = GPU_NUM_WARPS if block_n * block_v >= 2048 else 4
+    if heavy and num_warps == GPU_NUM_WARPS:
+        num_warps = GPU_HEAVY_NUM_WARPS
     return block_n, block_v, num_warps
 
 
@@ -320,54 +425,93 @@ def _softcap_args(softcap: float | None) -> tuple[float, float]:
     return float(softcap), 1.0 / float(softcap)
 
 
-def ce_forward(
-    x: Tensor, target: Tensor, grad_scale: Tensor | None, softcap: float | None
-) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy ``ℓ_i = lse(z_i) − z_{i,y_i}`` (fp32 ``[n]``) and ``lse(z_i)``
-    (fp64 ``[n]``, exact to fp32's ``hi + lo`` pair, for :func:`ce_backward`).
+def _options(
+    math: CERowMath, class_weight: Tensor | None, vocab: int, like: Tensor
+) -> dict[str, Any]:
+    """Kernel arguments of ``math`` and ``class_weight`` (a dummy pointer without it)."""
+    cap, inv_cap = _softcap_args(math.softcap)
+    weighted = class_weight is not None
+    return {
+        "cw": class_weight.float().contiguous() if weighted else like,
+        "scalars": (
+            cap,
+            inv_cap,
+            math.label_smoothing,
+            math.class_weight_sum if weighted else float(vocab),
+            math.lse_square_scale,
+            int(math.token_scaling),
+        ),
+        "constexprs": {
+            "HAS_SOFTCAP": math.softcap is not None,
+            "SMOOTH": math.label_smoothing > 0,
+            "HAS_CLASS_WEIGHT": weighted,
+        },
+    }
 
-    ``z = softcap·tanh(x/softcap)`` when ``softcap`` is set, else ``z = x``. With
-    ``grad_scale`` (fp32 ``[n]``), ``x`` is overwritten in place (in its dtype) by
-    ``grad_scale_i·(softmax(z_i) − e_{y_i})·(1 − (z_i/softcap)²)`` (last factor only with
-    softcap); this costs one more read and one write of ``x``.
+
+def ce_forward(
+    x: Tensor,
+    target: Tensor,
+    grad_scale: Tensor | None,
+    math: CERowMath,
+    class_weight: Tensor | None = None,
+) -> CERows:
+    """Per-row ``ℓ_i`` of :class:`~unlearn_kernels._options.CERowMath` (fp32 ``[n]``),
+    ``lse(z_i)`` (fp64 ``[n]``, exact to fp32's ``hi + lo`` pair, for :func:`ce_backward`) and,
+    when asked, the z-loss part and the argmax.
+
+    With ``grad_scale`` (fp32 ``[n]``), ``x`` is overwritten in place (in its dtype) by
+    ``∂(grad_scale_i ℓ_i)/∂x_i``; this costs one more read and one write of ``x``.
     """
     _check(x, target=target, grad_scale=grad_scale)
     n, V = x.shape
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     lse_lo = torch.empty_like(lse)
+    z_part = torch.empty_like(lse) if math.z_loss else None
+    argmax = torch.empty(n, dtype=torch.int64, device=x.device) if math.argmax else None
     if n == 0:
-        return loss, lse.double()
+        return CERows(loss, lse.double(), z_part, argmax)
     if V == 0:
         raise ValueError("x must have at least one column")
     interpreted = _interpreted(x.device)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    heavy = math.label_smoothing > 0 or math.argmax
+    block_n, block_v, num_warps = launch_config(n, V, interpreted, heavy)
     has_grad = grad_scale is not None
     scale = grad_scale.float().contiguous() if has_grad else lse  # dummy pointer when unused
-    cap, inv_cap = _softcap_args(softcap)
+    opts = _options(math, class_weight, V, lse)
     kernel_variant(_ce_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
         target.contiguous(),
         scale,
+        opts["cw"],
         loss,
         lse,
         lse_lo,
+        lse if z_part is None else z_part,
+        target if argmax is None else argmax,
         n,
         V,
         x.stride(0),
-        cap,
-        inv_cap,
+        *opts["scalars"],
         HAS_GRAD=has_grad,
-        HAS_SOFTCAP=softcap is not None,
+        RETURN_Z=math.z_loss,
+        ARGMAX=math.argmax,
+        **opts["constexprs"],
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return loss, lse.double() + lse_lo.double()
+    return CERows(loss, lse.double() + lse_lo.double(), z_part, argmax)
 
 
 def ce_backward(
-    x: Tensor, target: Tensor, lse: Tensor, grad_scale: Tensor, softcap: float | None
+    x: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    grad_scale: Tensor,
+    math: CERowMath,
+    class_weight: Tensor | None = None,
 ) -> None:
     """Recompute-mode backward: overwrite ``x`` with the gradient of :func:`ce_forward`.
 
@@ -379,19 +523,21 @@ def ce_backward(
     if n == 0:
         return
     interpreted = _interpreted(x.device)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted)
-    cap, inv_cap = _softcap_args(softcap)
+    block_n, block_v, num_warps = launch_config(n, V, interpreted, math.label_smoothing > 0)
+    hi, lo = split_lse(lse.contiguous(), torch.float32)
+    opts = _options(math, class_weight, V, hi)
     kernel_variant(_ce_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
         target.contiguous(),
-        *split_lse(lse.contiguous(), torch.float32),
+        hi,
+        lo,
         grad_scale.float().contiguous(),
+        opts["cw"],
         n,
         V,
         x.stride(0),
-        cap,
-        inv_cap,
-        HAS_SOFTCAP=softcap is not None,
+        *opts["scalars"],
+        **opts["constexprs"],
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         num_warps=num_warps,
@@ -403,83 +549,107 @@ def ce_backward(
 # ------------------------------------------------------------------------------------------
 
 
+def ptxas_case(
+    name: str,
+    kernel: Any,
+    signature: dict[str, str],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    aligned_ints: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One compile case (the dict benchmarks/triton_ptxas.py reads); every pointer argument and
+    ``aligned_ints`` are seen as 16-divisible, as the runtime sees caching-allocator pointers
+    and V, row strides for V = 32000/128256/151936/152064/256000."""
+    aligned = tuple(k for k, t in signature.items() if t.startswith("*")) + aligned_ints
+    return dict(
+        name=name,
+        kernel=kernel,
+        signature=signature,
+        constexprs=constexprs,
+        aligned=aligned,
+        num_warps=num_warps,
+    )
+
+
+#: the runtime scalars of the cross-entropy kernels, after their pointers and row counts
+_CE_SCALARS = {
+    "softcap": "fp32",
+    "inv_softcap": "fp32",
+    "eps": "fp32",
+    "class_sum": "fp32",
+    "z_scale": "fp32",
+    "token_scaling": "i32",
+}
+
+
 def _ptxas_cases() -> list[dict[str, Any]]:
-    """Every kernel × flag combination the launchers can produce on a GPU, at the GPU config
-    for a real vocabulary. ``signature`` uses Triton's type strings; ``aligned`` names the
-    arguments the runtime would see as 16-divisible (pointers from the caching allocator;
-    V and the row stride for V = 32000/128256/151936/152064/256000), which is what lets the
-    column mask stay uniform over 16-byte vectors."""
+    """Each kernel × dtype × gradient × softcap, with every option off and with every option on
+    (weighted label smoothing, z-loss part, argmax: the most registers), at the GPU config for
+    a real vocabulary."""
     block_n, block_v, num_warps = launch_config(4096, 128256, interpreted=False)
+    heavy_warps = launch_config(4096, 128256, interpreted=False, heavy=True)[2]
+    blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v)
     cases: list[dict[str, Any]] = []
     for dt in ("fp32", "bf16", "fp16"):
-        for has_grad in (False, True):
-            for has_softcap in (False, True):
+        fwd = {
+            "x_ptr": f"*{dt}",
+            "target_ptr": "*i64",
+            "grad_scale_ptr": "*fp32",
+            "cw_ptr": "*fp32",
+            "loss_ptr": "*fp32",
+            "lse_ptr": "*fp32",
+            "lse_lo_ptr": "*fp32",
+            "z_part_ptr": "*fp32",
+            "argmax_ptr": "*i64",
+            "n_rows": "i32",
+            "V": "i32",
+            "stride_x": "i32",
+            **_CE_SCALARS,
+        }
+        bwd = {
+            "x_ptr": f"*{dt}",
+            "target_ptr": "*i64",
+            "lse_ptr": "*fp32",
+            "lse_lo_ptr": "*fp32",
+            "grad_scale_ptr": "*fp32",
+            "cw_ptr": "*fp32",
+            "n_rows": "i32",
+            "V": "i32",
+            "stride_x": "i32",
+            **_CE_SCALARS,
+        }
+        for options in (False, True):
+            flags = dict(SMOOTH=options, HAS_CLASS_WEIGHT=options)
+            tag = ",options" if options else ""
+            for softcap in (False, True):
+                for grad in (False, True):
+                    cases.append(
+                        ptxas_case(
+                            f"ce_fwd[{dt},grad={int(grad)},softcap={int(softcap)}{tag}]",
+                            _ce_fwd_kernel,
+                            fwd,
+                            dict(
+                                HAS_GRAD=grad,
+                                HAS_SOFTCAP=softcap,
+                                RETURN_Z=options,
+                                ARGMAX=options,
+                                **flags,
+                                **blocks,
+                            ),
+                            heavy_warps if options else num_warps,
+                            ("V", "stride_x"),
+                        )
+                    )
                 cases.append(
-                    dict(
-                        name=f"ce_fwd[{dt},grad={int(has_grad)},softcap={int(has_softcap)}]",
-                        kernel=_ce_fwd_kernel,
-                        signature={
-                            "x_ptr": f"*{dt}",
-                            "target_ptr": "*i64",
-                            "grad_scale_ptr": "*fp32",
-                            "loss_ptr": "*fp32",
-                            "lse_ptr": "*fp32",
-                            "lse_lo_ptr": "*fp32",
-                            "n_rows": "i32",
-                            "V": "i32",
-                            "stride_x": "i32",
-                            "softcap": "fp32",
-                            "inv_softcap": "fp32",
-                        },
-                        constexprs=dict(
-                            HAS_GRAD=has_grad,
-                            HAS_SOFTCAP=has_softcap,
-                            BLOCK_N=block_n,
-                            BLOCK_V=block_v,
-                        ),
-                        aligned=(
-                            "x_ptr",
-                            "target_ptr",
-                            "grad_scale_ptr",
-                            "loss_ptr",
-                            "lse_ptr",
-                            "lse_lo_ptr",
-                            "V",
-                            "stride_x",
-                        ),
-                        num_warps=num_warps,
+                    ptxas_case(
+                        f"ce_bwd[{dt},softcap={int(softcap)}{tag}]",
+                        _ce_bwd_kernel,
+                        bwd,
+                        dict(HAS_SOFTCAP=softcap, **flags, **blocks),
+                        heavy_warps if options else num_warps,
+                        ("V", "stride_x"),
                     )
                 )
-        for has_softcap in (False, True):
-            cases.append(
-                dict(
-                    name=f"ce_bwd[{dt},softcap={int(has_softcap)}]",
-                    kernel=_ce_bwd_kernel,
-                    signature={
-                        "x_ptr": f"*{dt}",
-                        "target_ptr": "*i64",
-                        "lse_ptr": "*fp32",
-                        "lse_lo_ptr": "*fp32",
-                        "grad_scale_ptr": "*fp32",
-                        "n_rows": "i32",
-                        "V": "i32",
-                        "stride_x": "i32",
-                        "softcap": "fp32",
-                        "inv_softcap": "fp32",
-                    },
-                    constexprs=dict(HAS_SOFTCAP=has_softcap, BLOCK_N=block_n, BLOCK_V=block_v),
-                    aligned=(
-                        "x_ptr",
-                        "target_ptr",
-                        "lse_ptr",
-                        "lse_lo_ptr",
-                        "grad_scale_ptr",
-                        "V",
-                        "stride_x",
-                    ),
-                    num_warps=num_warps,
-                )
-            )
     return cases
 
 

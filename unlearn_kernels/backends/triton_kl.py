@@ -4,9 +4,13 @@
 Same contracts as the torch reference (:mod:`unlearn_kernels.backends.torch_backend`). For a
 chunk of student logits ``x`` ``[n, V]`` and ``z = x/τ``, ``q = softmax(z)``:
 
-* exact: one online sweep over both rows keeps, per row, running maxima ``m, m_r`` and rescaled
-  ``S = Σ e^{z−m}``, ``R = Σ e^{z_r−m_r}``, ``A = Σ_{p>0} e^{z_r−m_r}(z_r − z)``; then
-  ``KL = A/R − (m_r − m) − log(R/S)`` and a second sweep writes ``s/τ·(q − p)`` over ``x``;
+* exact (``z = cap(x)/τ``, the reference capped with ``CAP_REF``): one online sweep over both
+  rows keeps, per row, running maxima ``m, m_r`` and rescaled ``S = Σ e^{z−m}``,
+  ``R = Σ e^{z_r−m_r}`` and, for the forward KL, ``A = Σ_{p>0} e^{z_r−m_r}(z_r − z)`` (reverse:
+  ``A = Σ e^{z−m}(z − z_r)``); then ``KL = A/R − (m_r − m) − log(R/S)`` (reverse: the mirror
+  image); the JSD needs both normalisers first, so a second sweep forms it and its centre
+  ``K = Σ q (log q − log m)``; a last sweep writes ``s/τ·∂D/∂z·sech²`` over ``x`` (``q − p``,
+  ``q (d − K)``, ``(1 − β) q (log q − log m − K)``);
 * top-k: the program first copies the row's ``k`` logits to a scratch buffer and overwrites them
   with ``−inf``, so the sweep sums the tail ``lse_t = log Σ_{v∉K} e^{z_v}`` directly; the
   ``k + 1`` loss terms are then formed in fp64; the gradient sweep writes
@@ -23,6 +27,8 @@ log-normalisers are fp64, and exponentials only ever see shifted values (``z −
 
 from __future__ import annotations
 
+from math import log as math_log
+from math import log1p as math_log1p
 from typing import Any
 
 import torch
@@ -30,11 +36,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from unlearn_kernels._options import KLRowMath
+
 from .triton_cross_entropy import (
     _cast_rne,
+    _softcap,
+    _softcap_args,
     device_function,
     kernel_variant,
     launch_config,
+    ptxas_case,
     triton_interpreter_active,
 )
 
@@ -69,6 +80,50 @@ def _online(m, s, z):
     return m_new, s * alpha + tl.sum(e, axis=1), e, alpha
 
 
+@device_function
+def _z(x, inv_tau, softcap, inv_softcap, CAP: tl.constexpr):
+    """``(z, sech²)`` of fp32 logits: ``z = cap(x)/τ`` (``x/τ`` without ``CAP``, sech² then 1)."""
+    if CAP:
+        y, e = _softcap(x, softcap, inv_softcap)
+        one_e = 1.0 + e
+        return y * inv_tau, 4.0 * e / (one_e * one_e)
+    else:
+        return x * inv_tau, 1.0
+
+
+@device_function
+def _z_masked(x, inv_tau, softcap, inv_softcap, CAP: tl.constexpr):
+    """``z`` of :func:`_z`, with ``x = −inf`` (a masked top-k entry) kept ``−inf``."""
+    if CAP:
+        y, _ = _softcap(x, softcap, inv_softcap)
+        return tl.where(x == float("-inf"), float("-inf"), y * inv_tau)
+    else:
+        return x * inv_tau
+
+
+@device_function
+def _jsd_logs(d, lb, l1b):
+    """``(log p − log m, log q − log m)`` of the generalised JSD from ``d = log q − log p``
+    (``lb = log β``, ``l1b = log(1 − β)``; see ``torch_backend._jsd_logs``)."""
+    shared = tl.log(1.0 + tl.exp(-tl.abs(l1b - lb + d)))
+    log_p_m = -(tl.maximum(d + l1b, lb) + shared)
+    log_q_m = -(tl.maximum(lb - d, l1b) + shared)
+    return log_p_m, log_q_m
+
+
+@device_function
+def _div_grad(q, p, d, k, lb, l1b, beta, DIV: tl.constexpr):
+    """``∂D/∂z`` per logit: forward ``q − p``, reverse ``q (d − K)``, JSD
+    ``(1 − β) q (log q − log m − K)`` (0 where ``q = 0``)."""
+    if DIV == 0:
+        return q - p
+    elif DIV == 1:
+        return tl.where(q > 0.0, q * (d - k[:, None]), 0.0)
+    else:
+        _, log_q_m = _jsd_logs(d, lb, l1b)
+        return (1.0 - beta) * tl.where(q > 0.0, q * (log_q_m - k[:, None]), 0.0)
+
+
 @triton.jit
 def _kl_fwd_kernel(
     x_ptr,
@@ -77,16 +132,26 @@ def _kl_fwd_kernel(
     kl_ptr,
     lse_ptr,
     lse_ref_ptr,
+    centre_ptr,
     n_rows,
     V,
     stride_x,
     stride_r,
     inv_tau,
+    softcap,
+    inv_softcap,
+    beta,
+    lb,
+    l1b,
     HAS_GRAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    CAP_REF: tl.constexpr,
+    DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Per-row KL and fp64 log-normalisers; with ``HAS_GRAD`` the gradient over ``x``."""
+    """Per-row divergence (DIV 0 forward KL, 1 reverse KL, 2 JSD), fp64 log-normalisers and
+    centre; with ``HAS_GRAD`` the gradient over ``x``."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     off_x = rows.to(tl.int64) * stride_x
@@ -102,11 +167,17 @@ def _kl_fwd_kernel(
         mask = row_ok[:, None] & (cols < V)[None, :]
         x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-        z = tl.where(mask, x * inv_tau, float("-inf"))
-        zr = tl.where(mask, xr.to(tl.float32) * inv_tau, float("-inf"))
-        m, s, _, _ = _online(m, s, z)
-        m_r, r, e, alpha = _online(m_r, r, zr)
-        a = a * alpha + tl.sum(tl.where(e > 0.0, e * (zr - z), 0.0), axis=1)
+        z, _ = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+        zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
+        z = tl.where(mask, z, float("-inf"))
+        zr = tl.where(mask, zr, float("-inf"))
+        m, s, e, alpha = _online(m, s, z)
+        m_r, r, e_r, alpha_r = _online(m_r, r, zr)
+        # forward: A = Σ e_r (z_r − z); reverse: A = Σ e (z − z_r) (p = 0 gives +inf there)
+        if DIV == 0:
+            a = a * alpha_r + tl.sum(tl.where(e_r > 0.0, e_r * (zr - z), 0.0), axis=1)
+        elif DIV == 1:
+            a = a * alpha + tl.sum(tl.where(e > 0.0, e * (z - zr), 0.0), axis=1)
     # padding rows: finite placeholders (never stored)
     s = tl.where(row_ok, s, 1.0)
     r = tl.where(row_ok, r, 1.0)
@@ -114,24 +185,52 @@ def _kl_fwd_kernel(
     m_r = tl.where(row_ok, m_r, 0.0)
     log_s = tl.log(s)
     log_r = tl.log(r)
+    # log q − log p = (z − z_r) + gap
+    gap = (m_r - m) + (log_r - log_s)
+    centre = tl.zeros([BLOCK_N], tl.float32)
+    if DIV == 0:
+        kl = a / r - (m_r - m) - tl.log(r / s)
+    elif DIV == 1:
+        kl = a / s - (m - m_r) - tl.log(s / r)
+        centre = kl
+    else:
+        kl = tl.zeros([BLOCK_N], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            mask = row_ok[:, None] & (cols < V)[None, :]
+            x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=0.0)
+            xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
+            z, _ = _z(x.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+            zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
+            q = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
+            p = tl.where(mask, tl.exp((zr - m_r[:, None]) - log_r[:, None]), 0.0)
+            log_p_m, log_q_m = _jsd_logs((z - zr) + gap[:, None], lb, l1b)
+            q_part = tl.where(q > 0.0, q * log_q_m, 0.0)
+            p_part = tl.where(p > 0.0, p * log_p_m, 0.0)
+            kl += tl.sum(beta * p_part + (1.0 - beta) * q_part, axis=1)
+            centre += tl.sum(q_part, axis=1)
     lse_ref = m_r.to(tl.float64) + log_r.to(tl.float64)
     undefined = _undefined(lse_ref)
-    kl = tl.where(undefined, float("nan"), a / r - (m_r - m) - tl.log(r / s))
-    tl.store(kl_ptr + rows, kl, mask=row_ok)
+    tl.store(kl_ptr + rows, tl.where(undefined, float("nan"), kl), mask=row_ok)
     tl.store(lse_ptr + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
     tl.store(lse_ref_ptr + rows, lse_ref, mask=row_ok)
+    tl.store(centre_ptr + rows, centre.to(tl.float64), mask=row_ok)
     if HAS_GRAD:
+        # an undefined reference row: a NaN factor makes its whole gradient row NaN
         coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+        coef = tl.where(undefined, float("nan"), coef)
         for start in range(0, V, BLOCK_V):
             cols = start + cols0
             mask = row_ok[:, None] & (cols < V)[None, :]
             ptrs = x_ptr + off_x[:, None] + cols[None, :]
-            z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
             xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-            zr = xr.to(tl.float32) * inv_tau
+            z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+            zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
             q = tl.exp((z - m[:, None]) - log_s[:, None])
             p = tl.exp((zr - m_r[:, None]) - log_r[:, None])
-            g = tl.where(undefined[:, None], float("nan"), (q - p) * coef[:, None])
+            g = _div_grad(q, p, (z - zr) + gap[:, None], centre, lb, l1b, beta, DIV)
+            g = g * coef[:, None] * dz
             tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -141,36 +240,50 @@ def _kl_bwd_kernel(
     xr_ptr,
     lse_ptr,
     lse_ref_ptr,
+    centre_ptr,
     scale_ptr,
     n_rows,
     V,
     stride_x,
     stride_r,
     inv_tau,
+    softcap,
+    inv_softcap,
+    beta,
+    lb,
+    l1b,
+    HAS_SOFTCAP: tl.constexpr,
+    CAP_REF: tl.constexpr,
+    DIV: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Recompute mode: ``x ← s/τ·(q − p)`` from the saved fp64 log-normalisers."""
+    """Recompute mode: ``x ← s ∂D/∂x`` from the saved fp64 log-normalisers and centre."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     off_x = rows.to(tl.int64) * stride_x
     off_r = rows.to(tl.int64) * stride_r
     cols0 = tl.arange(0, BLOCK_V)
-    hi, lo = _split(tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64))
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     lse_ref = tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-    undefined = _undefined(lse_ref)
+    hi, lo = _split(lse)
     hi_r, lo_r = _split(lse_ref)
+    gap = (lse_ref - lse).to(tl.float32)
+    centre = tl.load(centre_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+    coef = tl.where(_undefined(lse_ref), float("nan"), coef)  # an undefined row: all NaN
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         mask = row_ok[:, None] & (cols < V)[None, :]
         ptrs = x_ptr + off_x[:, None] + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-        zr = xr.to(tl.float32) * inv_tau
+        z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+        zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
         q = tl.exp((z - hi[:, None]) - lo[:, None])
         p = tl.exp((zr - hi_r[:, None]) - lo_r[:, None])
-        g = tl.where(undefined[:, None], float("nan"), (q - p) * coef[:, None])
+        g = _div_grad(q, p, (z - zr) + gap[:, None], centre, lb, l1b, beta, DIV)
+        g = g * coef[:, None] * dz
         tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
@@ -207,7 +320,10 @@ def _topk_write_grad(
     V,
     K,
     inv_tau,
+    softcap,
+    inv_softcap,
     cols0,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -221,9 +337,9 @@ def _topk_write_grad(
         koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
         lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
         total += tl.sum(tl.exp(lp), axis=1)
-    undefined = _undefined(total)
-    total = total.to(tl.float32)
     coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+    coef = tl.where(_undefined(total), float("nan"), coef)  # an undefined row: all NaN
+    total = total.to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     hi, lo = _split(lse)
     lse_tail = tl.load(lse_tail_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
@@ -233,18 +349,19 @@ def _topk_write_grad(
         cols = start + cols0
         mask = row_ok[:, None] & (cols < V)[None, :]
         ptrs = x_ptr + off_x[:, None] + cols[None, :]
-        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * inv_tau
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
         g = c1[:, None] * tl.exp((z - hi[:, None]) - lo[:, None])
-        g = g - coef[:, None] * tl.exp((z - hi_t[:, None]) - lo_t[:, None])
-        g = tl.where(undefined[:, None], float("nan"), g)
+        g = (g - coef[:, None] * tl.exp((z - hi_t[:, None]) - lo_t[:, None])) * dz
         tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()
     for kb in range(0, K, BLOCK_K):
         koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        zk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * inv_tau
+        xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
+        zk, dk = _z(xk, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
         lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float32)
         g = total[:, None] * tl.exp((zk - hi[:, None]) - lo[:, None]) - tl.exp(lp)
-        g = tl.where(undefined[:, None], float("nan"), g * coef[:, None])
+        g = g * coef[:, None] * dk
         tl.store(x_ptr + off_x[:, None] + idx, _cast_rne(g, x_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -264,7 +381,10 @@ def _kl_topk_fwd_kernel(
     K,
     stride_x,
     inv_tau,
+    softcap,
+    inv_softcap,
     HAS_GRAD: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -283,7 +403,8 @@ def _kl_topk_fwd_kernel(
         tl.store(saved_ptr + koff, xk, mask=kmask)
         neg_inf = tl.full(xk.shape, float("-inf"), tl.float32)
         tl.store(x_ptr + off_x[:, None] + idx, neg_inf.to(x_ptr.dtype.element_ty), mask=kmask)
-        zk = tl.where(kmask, xk.to(tl.float32) * inv_tau, float("-inf"))
+        zk = _z(xk.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)[0]
+        zk = tl.where(kmask, zk, float("-inf"))
         m_k, s_k, _, _ = _online(m_k, s_k, zk)
     tl.debug_barrier()
     # 2. the tail: every −inf entry contributes 0
@@ -293,7 +414,8 @@ def _kl_topk_fwd_kernel(
         cols = start + cols0
         mask = row_ok[:, None] & (cols < V)[None, :]
         x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        m_t, s_t, _, _ = _online(m_t, s_t, x.to(tl.float32) * inv_tau)
+        z = _z_masked(x.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+        m_t, s_t, _, _ = _online(m_t, s_t, z)
     lse_tail = tl.where(s_t > 0.0, m_t.to(tl.float64) + tl.log(s_t).to(tl.float64), float("-inf"))
     s_k = tl.where(row_ok, s_k, 1.0)
     m_k = tl.where(row_ok, m_k, 0.0)
@@ -307,7 +429,8 @@ def _kl_topk_fwd_kernel(
     loss = tl.where(p_t > 0.0, p_t * (lt - (lse_tail - lse)), 0.0)
     for kb in range(0, K, BLOCK_K):
         koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        zk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32) * inv_tau
+        xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
+        zk = _z(xk, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)[0]
         lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
         p = tl.exp(lp)
         terms = tl.where(p > 0.0, p * (lp - (zk.to(tl.float64) - lse[:, None])), 0.0)
@@ -334,7 +457,10 @@ def _kl_topk_fwd_kernel(
             V,
             K,
             inv_tau,
+            softcap,
+            inv_softcap,
             cols0,
+            HAS_SOFTCAP,
             BLOCK_V,
             BLOCK_K,
         )
@@ -360,6 +486,9 @@ def _kl_topk_bwd_kernel(
     K,
     stride_x,
     inv_tau,
+    softcap,
+    inv_softcap,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -388,7 +517,10 @@ def _kl_topk_bwd_kernel(
         V,
         K,
         inv_tau,
+        softcap,
+        inv_softcap,
         cols0,
+        HAS_SOFTCAP,
         BLOCK_V,
         BLOCK_K,
     )
@@ -433,11 +565,27 @@ def _temperature(temperature: float) -> float:
     return 1.0 / temperature
 
 
+def _math_args(math: KLRowMath) -> tuple[tuple, dict[str, Any]]:
+    """``(scalars, constexprs)`` of the exact kernels for ``math``: ``(1/τ, c, 1/c, β, log β,
+    log(1 − β))`` and the softcap flags and divergence (0 forward, 1 reverse, 2 JSD)."""
+    cap, inv_cap = _softcap_args(math.softcap)
+    beta = math.beta
+    jsd = 0.0 < beta < 1.0
+    logs = (math_log(beta), math_log1p(-beta)) if jsd else (0.0, 0.0)
+    scalars = (_temperature(math.temperature), cap, inv_cap, beta, *logs)
+    constexprs = {
+        "HAS_SOFTCAP": math.softcap is not None,
+        "CAP_REF": math.softcap is not None and math.softcap_ref,
+        "DIV": 2 if jsd else int(beta),
+    }
+    return scalars, constexprs
+
+
 def kl_forward(
-    x: Tensor, x_ref: Tensor, grad_scale: Tensor | None, temperature: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``KL(softmax(x_ref/τ) ‖ softmax(x/τ))`` (fp32) and the fp64 log-normalisers
-    ``(kl, lse, lse_ref)``; with ``grad_scale`` ``s``, ``x ← s (q − p)/τ`` in place."""
+    x: Tensor, x_ref: Tensor, grad_scale: Tensor | None, math: KLRowMath
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row divergence of :class:`~unlearn_kernels._options.KLRowMath` (fp32) and the fp64
+    ``(lse, lse_ref, centre)``; with ``grad_scale`` ``s``, ``x ← s ∂kl/∂x`` in place."""
     _check_x(x)
     _check_x(x_ref, "x_ref")
     n, V = x.shape
@@ -446,11 +594,12 @@ def kl_forward(
     kl = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float64, device=x.device)
     lse_ref = torch.empty(n, dtype=torch.float64, device=x.device)
-    inv_tau = _temperature(temperature)
+    centre = torch.empty(n, dtype=torch.float64, device=x.device)
+    scalars, constexprs = _math_args(math)
     if n == 0:
-        return kl, lse, lse_ref
+        return kl, lse, lse_ref, centre
     interpreted = _interpreted(x)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    block_n, block_v, num_warps = launch_config(n, V, interpreted, _heavy(math))
     scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
     kernel_variant(_kl_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
@@ -459,42 +608,52 @@ def kl_forward(
         kl,
         lse,
         lse_ref,
+        centre,
         n,
         V,
         x.stride(0),
         x_ref.stride(0),
-        inv_tau,
+        *scalars,
         HAS_GRAD=grad_scale is not None,
+        **constexprs,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
-    return kl, lse, lse_ref
+    return kl, lse, lse_ref, centre
 
 
 def kl_backward(
-    x: Tensor, x_ref: Tensor, lse: Tensor, lse_ref: Tensor, grad_scale: Tensor, temperature: float
+    x: Tensor,
+    x_ref: Tensor,
+    lse: Tensor,
+    lse_ref: Tensor,
+    centre: Tensor,
+    grad_scale: Tensor,
+    math: KLRowMath,
 ) -> None:
-    """Recompute mode: ``x ← s (q − p)/τ`` from the saved fp64 log-normalisers."""
+    """Recompute mode: ``x ← s ∂kl/∂x`` from the saved fp64 log-normalisers and centre."""
     _check_x(x)
     _check_x(x_ref, "x_ref")
     n, V = x.shape
-    inv_tau = _temperature(temperature)
+    scalars, constexprs = _math_args(math)
     if n == 0:
         return
     interpreted = _interpreted(x)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+    block_n, block_v, num_warps = launch_config(n, V, interpreted, _heavy(math))
     kernel_variant(_kl_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
         x_ref,
         _rows(lse, n, torch.float64, "lse"),
         _rows(lse_ref, n, torch.float64, "lse_ref"),
+        _rows(centre, n, torch.float64, "centre"),
         _rows(grad_scale, n, torch.float32, "grad_scale"),
         n,
         V,
         x.stride(0),
         x_ref.stride(0),
-        inv_tau,
+        *scalars,
+        **constexprs,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         num_warps=num_warps,
@@ -516,8 +675,15 @@ def _topk_args(x: Tensor, index: Tensor, logprob: Tensor, tail_logprob: Tensor):
     )
 
 
-def _topk_config(n: int, V: int, k: int, interpreted: bool) -> tuple[int, int, int, int]:
-    block_n, block_v, num_warps = launch_config(n, V, interpreted)
+def _heavy(math: KLRowMath) -> bool:
+    """Softcap or a divergence other than the forward KL (see ``launch_config``)."""
+    return math.softcap is not None or math.beta != 0.0
+
+
+def _topk_config(
+    n: int, V: int, k: int, interpreted: bool, heavy: bool = False
+) -> tuple[int, int, int, int]:
+    block_n, block_v, num_warps = launch_config(n, V, interpreted, heavy)
     block_k = min(triton.next_power_of_2(k), INTERP_BLOCK_K if interpreted else GPU_BLOCK_K)
     return block_n, block_v, block_k, num_warps
 
@@ -528,21 +694,23 @@ def kl_topk_forward(
     logprob: Tensor,
     tail_logprob: Tensor,
     grad_scale: Tensor | None,
-    temperature: float,
+    math: KLRowMath,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row top-k KL (fp32) and the fp64 ``(lse, lse_t)``; with ``grad_scale``, ``x`` is
-    overwritten by the gradient. ``index`` rows must hold distinct ids in ``[0, V)``."""
+    overwritten by the gradient. ``index`` rows must hold distinct ids in ``[0, V)``;
+    ``math``: temperature and softcap."""
     _check_x(x)
     n, V = x.shape
     index, logprob, tail_logprob, k = _topk_args(x, index, logprob, tail_logprob)
     kl = torch.empty(n, dtype=torch.float32, device=x.device)
     lse = torch.empty(n, dtype=torch.float64, device=x.device)
     lse_tail = torch.empty(n, dtype=torch.float64, device=x.device)
-    inv_tau = _temperature(temperature)
+    inv_tau = _temperature(math.temperature)
+    cap, inv_cap = _softcap_args(math.softcap)
     if n == 0:
         return kl, lse, lse_tail
     interpreted = _interpreted(x)
-    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted)
+    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted, _heavy(math))
     scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
     kernel_variant(_kl_topk_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
@@ -559,7 +727,10 @@ def kl_topk_forward(
         k,
         x.stride(0),
         inv_tau,
+        cap,
+        inv_cap,
         HAS_GRAD=grad_scale is not None,
+        HAS_SOFTCAP=math.softcap is not None,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
@@ -576,18 +747,19 @@ def kl_topk_backward(
     lse: Tensor,
     lse_tail: Tensor,
     grad_scale: Tensor,
-    temperature: float,
+    math: KLRowMath,
 ) -> None:
     """Recompute mode: overwrite ``x`` with the top-k gradient from the saved fp64 ``lse``,
     ``lse_t``."""
     _check_x(x)
     n, V = x.shape
     index, logprob, tail_logprob, k = _topk_args(x, index, logprob, tail_logprob)
-    inv_tau = _temperature(temperature)
+    inv_tau = _temperature(math.temperature)
+    cap, inv_cap = _softcap_args(math.softcap)
     if n == 0:
         return
     interpreted = _interpreted(x)
-    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted)
+    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted, _heavy(math))
     kernel_variant(_kl_topk_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
         x,
         index,
@@ -602,6 +774,9 @@ def kl_topk_backward(
         k,
         x.stride(0),
         inv_tau,
+        cap,
+        inv_cap,
+        HAS_SOFTCAP=math.softcap is not None,
         BLOCK_N=block_n,
         BLOCK_V=block_v,
         BLOCK_K=block_k,
@@ -614,144 +789,133 @@ def kl_topk_backward(
 # ------------------------------------------------------------------------------------------
 
 
+#: the divergences the exact kernels compile: (tag, constexprs)
+_DIVERGENCES = (
+    ("forward", dict(HAS_SOFTCAP=False, CAP_REF=False, DIV=0)),
+    ("forward,softcap", dict(HAS_SOFTCAP=True, CAP_REF=True, DIV=0)),
+    ("reverse,softcap", dict(HAS_SOFTCAP=True, CAP_REF=True, DIV=1)),
+    ("jsd,softcap", dict(HAS_SOFTCAP=True, CAP_REF=True, DIV=2)),
+)
+
+
 def _ptxas_cases() -> list[dict[str, Any]]:
-    """Every kernel × dtype × flag the launchers produce on a GPU, at the GPU configuration for
-    V = 128256 and k = 32 (top-k: one gather step)."""
+    """Every kernel × dtype × gradient, for each divergence (exact) or softcap (top-k), at the
+    GPU configuration for V = 128256 and k = 32 (top-k: one gather step)."""
     block_n, block_v, block_k, num_warps = _topk_config(4096, 128256, 32, interpreted=False)
+    heavy_warps = _topk_config(4096, 128256, 32, interpreted=False, heavy=True)[3]
+    blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v)
     rows = {"n_rows": "i32", "V": "i32"}
+    exact_scalars = {
+        "inv_tau": "fp32",
+        "softcap": "fp32",
+        "inv_softcap": "fp32",
+        "beta": "fp32",
+        "lb": "fp32",
+        "l1b": "fp32",
+    }
+    topk_scalars = {"inv_tau": "fp32", "softcap": "fp32", "inv_softcap": "fp32"}
     cases: list[dict[str, Any]] = []
     for dt in ("fp32", "bf16", "fp16"):
-        for has_grad in (False, True):
+        kl_fwd = {
+            "x_ptr": f"*{dt}",
+            "xr_ptr": f"*{dt}",
+            "scale_ptr": "*fp32",
+            "kl_ptr": "*fp32",
+            "lse_ptr": "*fp64",
+            "lse_ref_ptr": "*fp64",
+            "centre_ptr": "*fp64",
+            **rows,
+            "stride_x": "i32",
+            "stride_r": "i32",
+            **exact_scalars,
+        }
+        kl_bwd = {
+            "x_ptr": f"*{dt}",
+            "xr_ptr": f"*{dt}",
+            "lse_ptr": "*fp64",
+            "lse_ref_ptr": "*fp64",
+            "centre_ptr": "*fp64",
+            "scale_ptr": "*fp32",
+            **rows,
+            "stride_x": "i32",
+            "stride_r": "i32",
+            **exact_scalars,
+        }
+        topk_fwd = {
+            "x_ptr": f"*{dt}",
+            "idx_ptr": "*i64",
+            "lp_ptr": "*fp32",
+            "lt_ptr": "*fp32",
+            "scale_ptr": "*fp32",
+            "saved_ptr": f"*{dt}",
+            "kl_ptr": "*fp32",
+            "lse_ptr": "*fp64",
+            "lse_tail_ptr": "*fp64",
+            **rows,
+            "K": "i32",
+            "stride_x": "i32",
+            **topk_scalars,
+        }
+        topk_bwd = {
+            "x_ptr": f"*{dt}",
+            "idx_ptr": "*i64",
+            "lp_ptr": "*fp32",
+            "lt_ptr": "*fp32",
+            "lse_ptr": "*fp64",
+            "lse_tail_ptr": "*fp64",
+            "scale_ptr": "*fp32",
+            "saved_ptr": f"*{dt}",
+            **rows,
+            "K": "i32",
+            "stride_x": "i32",
+            **topk_scalars,
+        }
+        strides = ("stride_x", "stride_r")
+        for tag, divergence in _DIVERGENCES:
+            for grad in (False, True):
+                cases.append(
+                    ptxas_case(
+                        f"kl_fwd[{dt},grad={int(grad)},{tag}]",
+                        _kl_fwd_kernel,
+                        kl_fwd,
+                        dict(HAS_GRAD=grad, **divergence, **blocks),
+                        heavy_warps if tag != "forward" else num_warps,
+                        strides,
+                    )
+                )
             cases.append(
-                dict(
-                    name=f"kl_fwd[{dt},grad={int(has_grad)}]",
-                    kernel=_kl_fwd_kernel,
-                    signature={
-                        "x_ptr": f"*{dt}",
-                        "xr_ptr": f"*{dt}",
-                        "scale_ptr": "*fp32",
-                        "kl_ptr": "*fp32",
-                        "lse_ptr": "*fp64",
-                        "lse_ref_ptr": "*fp64",
-                        **rows,
-                        "stride_x": "i32",
-                        "stride_r": "i32",
-                        "inv_tau": "fp32",
-                    },
-                    constexprs=dict(HAS_GRAD=has_grad, BLOCK_N=block_n, BLOCK_V=block_v),
-                    aligned=(
-                        "x_ptr",
-                        "xr_ptr",
-                        "scale_ptr",
-                        "kl_ptr",
-                        "lse_ptr",
-                        "lse_ref_ptr",
-                        "stride_x",
-                        "stride_r",
-                    ),
-                    num_warps=num_warps,
+                ptxas_case(
+                    f"kl_bwd[{dt},{tag}]",
+                    _kl_bwd_kernel,
+                    kl_bwd,
+                    dict(**divergence, **blocks),
+                    heavy_warps if tag != "forward" else num_warps,
+                    strides,
                 )
             )
+        topk_blocks = dict(**blocks, BLOCK_K=block_k)
+        for softcap in (False, True):
+            for grad in (False, True):
+                cases.append(
+                    ptxas_case(
+                        f"kl_topk_fwd[{dt},grad={int(grad)},softcap={int(softcap)}]",
+                        _kl_topk_fwd_kernel,
+                        topk_fwd,
+                        dict(HAS_GRAD=grad, HAS_SOFTCAP=softcap, **topk_blocks),
+                        heavy_warps if softcap else num_warps,
+                        ("K", "stride_x"),
+                    )
+                )
             cases.append(
-                dict(
-                    name=f"kl_topk_fwd[{dt},grad={int(has_grad)}]",
-                    kernel=_kl_topk_fwd_kernel,
-                    signature={
-                        "x_ptr": f"*{dt}",
-                        "idx_ptr": "*i64",
-                        "lp_ptr": "*fp32",
-                        "lt_ptr": "*fp32",
-                        "scale_ptr": "*fp32",
-                        "saved_ptr": f"*{dt}",
-                        "kl_ptr": "*fp32",
-                        "lse_ptr": "*fp64",
-                        "lse_tail_ptr": "*fp64",
-                        **rows,
-                        "K": "i32",
-                        "stride_x": "i32",
-                        "inv_tau": "fp32",
-                    },
-                    constexprs=dict(
-                        HAS_GRAD=has_grad, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k
-                    ),
-                    aligned=(
-                        "x_ptr",
-                        "idx_ptr",
-                        "lp_ptr",
-                        "lt_ptr",
-                        "scale_ptr",
-                        "saved_ptr",
-                        "kl_ptr",
-                        "lse_ptr",
-                        "lse_tail_ptr",
-                        "K",
-                        "stride_x",
-                    ),
-                    num_warps=num_warps,
+                ptxas_case(
+                    f"kl_topk_bwd[{dt},softcap={int(softcap)}]",
+                    _kl_topk_bwd_kernel,
+                    topk_bwd,
+                    dict(HAS_SOFTCAP=softcap, **topk_blocks),
+                    heavy_warps if softcap else num_warps,
+                    ("K", "stride_x"),
                 )
             )
-        cases.append(
-            dict(
-                name=f"kl_bwd[{dt}]",
-                kernel=_kl_bwd_kernel,
-                signature={
-                    "x_ptr": f"*{dt}",
-                    "xr_ptr": f"*{dt}",
-                    "lse_ptr": "*fp64",
-                    "lse_ref_ptr": "*fp64",
-                    "scale_ptr": "*fp32",
-                    **rows,
-                    "stride_x": "i32",
-                    "stride_r": "i32",
-                    "inv_tau": "fp32",
-                },
-                constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v),
-                aligned=(
-                    "x_ptr",
-                    "xr_ptr",
-                    "lse_ptr",
-                    "lse_ref_ptr",
-                    "scale_ptr",
-                    "stride_x",
-                    "stride_r",
-                ),
-                num_warps=num_warps,
-            )
-        )
-        cases.append(
-            dict(
-                name=f"kl_topk_bwd[{dt}]",
-                kernel=_kl_topk_bwd_kernel,
-                signature={
-                    "x_ptr": f"*{dt}",
-                    "idx_ptr": "*i64",
-                    "lp_ptr": "*fp32",
-                    "lt_ptr": "*fp32",
-                    "lse_ptr": "*fp64",
-                    "lse_tail_ptr": "*fp64",
-                    "scale_ptr": "*fp32",
-                    "saved_ptr": f"*{dt}",
-                    **rows,
-                    "K": "i32",
-                    "stride_x": "i32",
-                    "inv_tau": "fp32",
-                },
-                constexprs=dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_K=block_k),
-                aligned=(
-                    "x_ptr",
-                    "idx_ptr",
-                    "lp_ptr",
-                    "lt_ptr",
-                    "lse_ptr",
-                    "lse_tail_ptr",
-                    "scale_ptr",
-                    "saved_ptr",
-                    "K",
-                    "stride_x",
-                ),
-                num_warps=num_warps,
-            )
-        )
     return cases
 
 

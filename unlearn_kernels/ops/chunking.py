@@ -11,8 +11,9 @@ At most one chunk of logits (plus one of reference logits for KL) is ever alive.
 
 3. Every loss forward is one of two sweeps over a :data:`RowEpilogue`:
    :func:`sweep_row_losses` (``reduction='none'``: per-row losses and the statistics its
-   recompute-mode backward needs) or :func:`sweep_loss_and_grads` (``sum``/``mean``: the
-   reduced loss and its gradients in the same sweep).
+   recompute-mode backward needs) or :func:`sweep_loss_and_grads` (``sum``/``mean``/
+   ``batchmean``: the reduced loss and its gradients in the same sweep); both also keep any
+   per-row outputs the op returns (logsumexp, argmax, ...).
 """
 
 from __future__ import annotations
@@ -166,12 +167,19 @@ def finish_grads(
     return grad_hidden, grad_weight, grad_bias
 
 
-def reduction_scale(selection: RowSelection, reduction: str, like: Tensor) -> Tensor:
-    """``s_i = w_i / D`` (``D`` = #labelled rows for ``mean``, 1 for ``sum``): the reduced loss
-    is ``Σ_i s_i ℓ_i`` and ``s_i`` scales row ``i``'s logit gradient."""
-    denominator = max(selection.n_labelled, 1) if reduction == "mean" else 1
+def reduction_scale(selection: RowSelection, denominator: float, like: Tensor) -> Tensor:
+    """``s_i = w_i / D``: the reduced loss is ``Σ_i s_i ℓ_i`` and ``s_i`` scales row ``i``'s
+    logit gradient (``D`` from :func:`mean_denominator`, 1 for ``sum``)."""
     scale = torch.full_like(like, 1.0 / denominator)
     return scale if selection.weight is None else scale.mul_(selection.weight)
+
+
+def mean_denominator(selection: RowSelection, reduction: str, batch: int = 1) -> float:
+    """``D`` of :func:`reduction_scale`: the number of labelled rows for ``mean`` (at least 1),
+    ``batch`` for ``batchmean``, 1 for ``sum``."""
+    if reduction == "mean":
+        return float(max(selection.n_labelled, 1))
+    return float(batch) if reduction == "batchmean" else 1.0
 
 
 def upstream_scale(
@@ -244,10 +252,36 @@ def scatter_rows(row_loss: Tensor, index: Tensor, n_total: int) -> Tensor:
     return row_loss.new_zeros(n_total).index_copy_(0, index, row_loss)
 
 
-#: ``row_epilogue(start, end, logits, grad_scale)`` → ``(row_loss, *row_stats)``: a backend
+#: ``row_epilogue(start, end, logits, grad_scale)`` → ``(row_loss, *row_outputs)``: a backend
 #: epilogue bound to the op's per-row inputs; with ``grad_scale`` (rows ``[start, end)`` of it)
-#: it also overwrites ``logits`` with the scaled gradient.
+#: it also overwrites ``logits`` with the scaled gradient. ``row_outputs`` are per-row values
+#: the op keeps (statistics for a recompute, or results it returns), in the dtypes it names.
 RowEpilogue = Callable[[int, int, Tensor, Tensor | None], tuple[Tensor, ...]]
+
+
+def _swept(
+    hidden_rows: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    row_epilogue: RowEpilogue,
+    grad_scale: Tensor | None,
+    grads: GradTargets,
+    outputs: tuple[torch.dtype, ...],
+    chunk_size: int | None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Per-row losses (accumulation dtype) and the ``outputs`` of every selected row."""
+    n, device = hidden_rows.shape[0], hidden_rows.device
+    row_loss = torch.empty(n, dtype=accumulate_dtype(hidden_rows.dtype), device=device)
+    kept = [torch.empty(n, dtype=dtype, device=device) for dtype in outputs]
+
+    def epilogue(start: int, end: int, logits: Tensor) -> None:
+        row_scale = None if grad_scale is None else grad_scale[start:end]
+        row_loss[start:end], *values = row_epilogue(start, end, logits, row_scale)
+        for buffer, value in zip(kept, values, strict=True):
+            buffer[start:end] = value
+
+    sweep(hidden_rows, weight, bias, epilogue, grads, chunk_size)
+    return row_loss, kept
 
 
 def sweep_row_losses(
@@ -257,24 +291,17 @@ def sweep_row_losses(
     selection: RowSelection,
     n_total: int,
     row_epilogue: RowEpilogue,
-    n_stats: int,
+    outputs: tuple[torch.dtype, ...],
     chunk_size: int | None,
 ) -> tuple[Tensor, list[Tensor]]:
     """``reduction='none'`` forward: ``[w_i ℓ_i]`` over all ``n_total`` rows (0 where not
-    selected) and the epilogue's ``n_stats`` fp64 per-row statistics (for the recompute)."""
-    n = hidden_rows.shape[0]
-    row_loss = torch.empty(n, dtype=accumulate_dtype(hidden_rows.dtype), device=hidden_rows.device)
-    stats = [torch.empty(n, dtype=torch.float64, device=hidden_rows.device) for _ in range(n_stats)]
-
-    def epilogue(start: int, end: int, logits: Tensor) -> None:
-        row_loss[start:end], *values = row_epilogue(start, end, logits, None)
-        for buffer, value in zip(stats, values, strict=True):
-            buffer[start:end] = value
-
-    sweep(hidden_rows, weight, bias, epilogue, GradTargets(), chunk_size)
+    selected) and the epilogue's per-row ``outputs`` (e.g. fp64 statistics for the recompute)."""
+    row_loss, kept = _swept(
+        hidden_rows, weight, bias, row_epilogue, None, GradTargets(), outputs, chunk_size
+    )
     if selection.weight is not None:
         row_loss.mul_(selection.weight)
-    return scatter_rows(row_loss, selection.index, n_total), stats
+    return scatter_rows(row_loss, selection.index, n_total), kept
 
 
 def sweep_loss_and_grads(
@@ -282,25 +309,29 @@ def sweep_loss_and_grads(
     weight: Tensor,
     bias: Tensor | None,
     selection: RowSelection,
-    reduction: str,
+    denominator: float,
     needs: tuple[bool, bool, bool],
     n_total: int,
     row_epilogue: RowEpilogue,
+    outputs: tuple[torch.dtype, ...],
     chunk_size: int | None,
-) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None]]:
-    """``sum``/``mean`` forward: the loss ``Σ_i s_i ℓ_i`` (:func:`reduction_scale`) and, in the
-    same sweep, the gradients of ``(hidden, weight, bias)`` that ``needs`` asks for."""
-    row_loss = torch.empty(
-        hidden_rows.shape[0], dtype=accumulate_dtype(hidden_rows.dtype), device=hidden_rows.device
-    )
-    scale = reduction_scale(selection, reduction, row_loss)
+) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None], list[Tensor]]:
+    """``sum``/``mean`` forward: the loss ``Σ_i s_i ℓ_i`` (:func:`reduction_scale`), in the
+    same sweep the gradients of ``(hidden, weight, bias)`` that ``needs`` asks for, and the
+    epilogue's per-row ``outputs``."""
+    acc = accumulate_dtype(hidden_rows.dtype)
+    rows = torch.empty(hidden_rows.shape[0], dtype=acc, device=hidden_rows.device)
+    scale = reduction_scale(selection, denominator, rows)
     grads = allocate_grads(hidden_rows, weight, bias, needs)
-    grad_scale = scale if grads.any else None
-
-    def epilogue(start: int, end: int, logits: Tensor) -> None:
-        row_scale = None if grad_scale is None else grad_scale[start:end]
-        row_loss[start:end] = row_epilogue(start, end, logits, row_scale)[0]
-
-    sweep(hidden_rows, weight, bias, epilogue, grads, chunk_size)
+    row_loss, kept = _swept(
+        hidden_rows,
+        weight,
+        bias,
+        row_epilogue,
+        scale if grads.any else None,
+        grads,
+        outputs,
+        chunk_size,
+    )
     loss = torch.dot(row_loss, scale)
-    return loss, finish_grads(grads, n_total, selection.index, weight, bias)
+    return loss, finish_grads(grads, n_total, selection.index, weight, bias), kept
