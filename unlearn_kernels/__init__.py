@@ -7,7 +7,12 @@ logits: see :mod:`unlearn_kernels.ops.chunking`.
 import torch  # noqa: F401  (the C++ extension needs torch loaded first)
 
 from unlearn_kernels.backends import BACKENDS, backend_name
-from unlearn_kernels.ops.cross_entropy import fused_linear_cross_entropy
+from unlearn_kernels.losses import (
+    FusedLinearCrossEntropyLoss,
+    FusedLinearKLLoss,
+    FusedLinearKLTopkLoss,
+)
+from unlearn_kernels.ops.cross_entropy import CrossEntropyOutput, fused_linear_cross_entropy
 from unlearn_kernels.ops.kl import fused_linear_kl, fused_linear_kl_topk
 from unlearn_kernels.ops.ngdiff import NGDiffNorms, ngdiff_combine
 
@@ -36,6 +41,10 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "CacheSettings",
+    "CrossEntropyOutput",
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearKLLoss",
+    "FusedLinearKLTopkLoss",
     "NGDiffNorms",
     "ReferenceBatch",
     "ReferenceCache",
