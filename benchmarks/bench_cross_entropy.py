@@ -14,22 +14,45 @@ runs in its own process (peak memory is its own):
 - ``cce``: cut-cross-entropy's ``linear_cross_entropy(impl="torch_compile")``.
 Liger-Kernel's fused linear cross-entropy is Triton-only; under the CPU interpreter it is far
 too slow at these shapes, so it is not timed here.
+
+Options mode (``--options``, results in ``results/cross_entropy_options.md`` and ``.json``):
+the cost of the loss options, two processes per configuration. One runs this tree: rounds of
+the floor, the fused op with every option off, and with label smoothing (ε = 0.1), the z-loss
+(s = 1e-4) and token accuracy all on, interleaved so all three see the same load. The other
+runs the fused op of the git revision ``--baseline`` (default ``main``: the previous commit,
+extracted and its extension built in a temporary directory) with its own floor. Reported:
+each × floor, options on × options off, and this tree × the baseline (both × floor).
+
+    python -m benchmarks.bench_cross_entropy --options --baseline main --vocab 128256 \
+        --frozen --trainable --repeats 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import fmt_bytes, measure, peak_bytes, reset_peak, run_isolated
+from benchmarks.harness import ROOT, fmt_bytes, measure, peak_bytes, reset_peak, run_isolated
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_entropy.md"
+OPTIONS_RESULTS = RESULTS.with_name("cross_entropy_options.md")
 METHODS = ("fused", "unfused", "compiled", "cce")
 PROMPT_FRACTION = 0.4
+#: the options-mode configurations: keyword arguments of fused_linear_cross_entropy
+OPTION_CONFIGS = {
+    "off": {},
+    "on": {"label_smoothing": 0.1, "lse_square_scale": 1e-4, "return_token_accuracy": True},
+}
+#: environment variable naming the directory whose unlearn_kernels a worker imports
+PACKAGE_ENV = "UNLEARN_KERNELS_BENCH_PACKAGE"
 
 
 def make_inputs(n: int, d: int, vocab: int, trainable: bool):
@@ -129,6 +152,142 @@ def worker(method: str, n: int, d: int, vocab: int, trainable: bool, repeats: in
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
+def options_worker(n: int, d: int, vocab: int, trainable: bool, repeats: int, configs) -> dict:
+    """Rounds of the floor and the fused op in each of ``configs`` (names of OPTION_CONFIGS),
+    interleaved; the package comes from ``$UNLEARN_KERNELS_BENCH_PACKAGE`` when set."""
+    package = os.environ.get(PACKAGE_ENV)
+    if package:
+        sys.path.insert(0, package)
+    import torch
+
+    import unlearn_kernels as uk
+
+    hidden, weight, labels = make_inputs(n, d, vocab, trainable)
+    valid = (labels != -100).nonzero().squeeze(1)
+    h_valid, w = hidden.detach()[valid], weight.detach()
+
+    def floor() -> None:
+        logits = h_valid @ w.t()
+        torch.mm(logits, w)
+        if trainable:
+            torch.mm(logits.t(), h_valid)
+
+    def fused(options: dict):
+        def step() -> float:
+            out = uk.fused_linear_cross_entropy(hidden, weight, labels, **options)
+            loss = out if isinstance(out, torch.Tensor) else out.loss
+            loss.backward()
+            clear_grads(hidden, weight)
+            return loss.item()
+
+        return step
+
+    steps = {"floor": floor, **{name: fused(OPTION_CONFIGS[name]) for name in configs}}
+    report = {"package": uk.__file__, "backend": uk.backend_name(None, hidden.device)}
+    for name in configs:  # warm-up, value and peak memory of each, in turn
+        base = reset_peak()
+        report[name] = {"value": steps[name](), "peak_above_inputs": peak_bytes() - base}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    report["times"] = times
+    return report
+
+
+def baseline_tree(revision: str, directory: Path) -> Path:
+    """The source of git ``revision`` in ``directory``, its C++ extension built in place."""
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", revision], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    env = {**os.environ, "PYTHONPATH": str(directory)}
+    subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    return directory
+
+
+def options_table(ours: dict, base: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
+    """Ratios of fastest runs: each × its process's floor, on × off, this tree × baseline."""
+    title = f"N={n}, d={d}, V={vocab}, fp32, {'trainable' if trainable else 'frozen'} weight"
+    lines = [
+        f"### {title}",
+        "",
+        "| run | min s | median s | × floor | × options off | × baseline | peak above inputs "
+        "| loss |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if "error" in ours or "error" in base:
+        return "\n".join([*lines, f"| failed | {ours.get('error') or base.get('error')} |"]) + "\n"
+    ratio = {}
+    for label, report, name in (
+        ("baseline, options off", base, "off"),
+        ("options off", ours, "off"),
+        ("smoothing + z-loss + accuracy", ours, "on"),
+    ):
+        t, floor = min(report["times"][name]), min(report["times"]["floor"])
+        ratio[label] = t / floor
+        off = min(ours["times"]["off"])
+        x_off = f"{t / off:.3f}" if report is ours else ""
+        x_base = f"{ratio[label] / ratio['baseline, options off']:.3f}" if report is ours else ""
+        lines.append(
+            f"| {label} | {t:.3f} | {statistics.median(report['times'][name]):.3f} "
+            f"| {ratio[label]:.3f} | {x_off} | {x_base} "
+            f"| {fmt_bytes(report[name]['peak_above_inputs'])} | {report[name]['value']:.6f} |"
+        )
+    for label, report in (("floor (this tree)", ours), ("floor (baseline)", base)):
+        floor = report["times"]["floor"]
+        median = statistics.median(floor)
+        lines.append(f"| {label} | {min(floor):.3f} | {median:.3f} | 1.000 | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def options_main(args: argparse.Namespace, modes: list[bool], command: str) -> None:
+    """``--options``: this tree's options off/on against the baseline revision's options off."""
+    results, sections = [], []
+    with tempfile.TemporaryDirectory(prefix="uk-baseline-") as scratch:
+        baseline = Path(args.baseline_dir) if args.baseline_dir else None
+        if baseline is None:
+            print(f"building the baseline {args.baseline} in {scratch}", flush=True)
+            baseline = baseline_tree(args.baseline, Path(scratch))
+        for vocab in args.vocab:
+            for trainable in modes:
+                flags = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(vocab)]
+                flags += ["--trainable" if trainable else "--frozen", "--repeats"]
+                flags += [str(args.repeats), "--worker", "options", "--configs"]
+                ours = run_isolated("benchmarks.bench_cross_entropy", [*flags, "off", "on"])
+                base = run_isolated(
+                    "benchmarks.bench_cross_entropy",
+                    [*flags, "off"],
+                    env={PACKAGE_ENV: str(baseline)},
+                )
+                print(json.dumps({"ours": ours, "baseline": base}), flush=True)
+                section = options_table(ours, base, args.n, args.d, vocab, trainable)
+                print(section, flush=True)
+                sections.append(section)
+                results.append(
+                    {"vocab": vocab, "trainable": trainable, "ours": ours, "baseline": base}
+                )
+    header = (
+        f"Command: `{command}`\n\nBaseline: git revision `{args.baseline}`"
+        f"{f' (tree {args.baseline_dir})' if args.baseline_dir else ''}. Two processes per "
+        "configuration: this tree (floor, options off, options on: label smoothing 0.1, z-loss "
+        "1e-4, token accuracy, interleaved) and the baseline (floor, options off). Ratios "
+        "compare fastest runs; × baseline compares the × floor ratios of the two processes.\n\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("## Cross-entropy options: cost\n\n" + header + "\n".join(sections))
+    payload = {"command": command, "baseline": args.baseline, "results": results}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
 def table(rows: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
     """One markdown table. Ratios compare fastest runs (min over repeats): on a shared machine
     the minimum is the run least disturbed by other work; medians are listed beside them."""
@@ -174,15 +333,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainable", action="store_true", help="trainable output weight")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--options", action="store_true", help="options mode: cost of the loss options"
+    )
+    parser.add_argument("--baseline", default="main", help="options mode: git revision to compare")
+    parser.add_argument(
+        "--baseline-dir", help="options mode: an already built source tree of --baseline"
+    )
+    parser.add_argument("--worker", choices=(*METHODS, "options"), help=argparse.SUPPRESS)
+    parser.add_argument("--configs", nargs="+", choices=OPTION_CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     modes = [t for t, on in ((False, args.frozen), (True, args.trainable)) if on] or [False]
+    if args.worker == "options":
+        report = options_worker(args.n, args.d, args.vocab[0], modes[0], args.repeats, args.configs)
+        print(json.dumps(report))
+        return
     if args.worker:
         report = worker(args.worker, args.n, args.d, args.vocab[0], modes[0], args.repeats)
         print(json.dumps(report))
         return
-    command = "python -m benchmarks.bench_cross_entropy " + " ".join(argv or sys.argv[1:])
+    command = "python -m benchmarks.bench_cross_entropy " + shlex.join(argv or sys.argv[1:])
+    if args.options:
+        args.out = args.out or OPTIONS_RESULTS
+        options_main(args, modes, command)
+        return
+    args.out = args.out or RESULTS
     sections = []
     for vocab in args.vocab:
         for trainable in modes:

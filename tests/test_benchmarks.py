@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks import bench_kl, side_by_side
+from benchmarks import bench_cross_entropy, bench_kl, side_by_side
+from benchmarks.harness import ROOT
 
 TINY = ["--n", "48", "--d", "16", "--vocab", "300", "--repeats", "1"]
 
@@ -40,3 +41,18 @@ def test_methods_page(tmp_path):
             <= 1e-5 * abs(first["unfused"][term]) + 1e-7
         )
     assert "| yao |" in out.read_text()
+
+
+def test_cross_entropy_options_page(tmp_path):
+    """Options mode at a tiny shape (some rows valid), this tree standing in for the baseline."""
+    out = tmp_path / "options.md"
+    shape = ["--n", "600", "--d", "16", "--vocab", "300", "--repeats", "1", "--frozen"]
+    bench_cross_entropy.main(
+        [*shape, "--options", "--baseline", "HEAD", "--baseline-dir", str(ROOT), "--out", str(out)]
+    )
+    (result,) = json.loads(out.with_suffix(".json").read_text())["results"]
+    ours, base = result["ours"], result["baseline"]
+    assert "error" not in ours and "error" not in base, result
+    assert ours["off"]["value"] == base["off"]["value"] > 0
+    assert ours["on"]["value"] != ours["off"]["value"]
+    assert "smoothing + z-loss + accuracy" in out.read_text()
