@@ -137,10 +137,30 @@ def naive_objective(model, name: str, params, batches, kind: str | None) -> dict
 # ---- fixtures ----------------------------------------------------------------------------
 
 
-def setup_case(tmp_path, gen, kind: str | None, needs):
+def tiny_gemma2(seed: int):
+    """A 2-layer Gemma-2 (final logit softcap 3, tied embeddings) in train mode."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Gemma2Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        final_logit_softcapping=3.0,
+    )
+    return Gemma2ForCausalLM(config).train()
+
+
+def setup_case(tmp_path, gen, kind: str | None, needs, family: str = "llama"):
     """A fp32 LoRA model, its fp64 copy, and two micro-batches with cached reference rows
     (the cache built from the base model: the adapters are disabled for it)."""
-    base = tiny_llama(int(torch.randint(0, 2**31, (), generator=gen)))
+    seed = int(torch.randint(0, 2**31, (), generator=gen))
+    base = tiny_llama(seed) if family == "llama" else tiny_gemma2(seed)
     with torch.no_grad():  # logits of order 1 and adapters far from zero: KL(ref ‖ θ) ≈ 1
         base.lm_head.weight.mul_(10.0)
         model = lora(base)
@@ -241,14 +261,43 @@ def test_terms_and_lora_grads_match_naive_fp64(tmp_path, backend, name, params, 
             assert rel_err(grads[n], g) < 1e-4, (n, task, seed)
 
 
-@pytest.mark.parametrize(("name", "params", "kind"), CASES)
-def test_logit_losses_give_the_fused_objective(tmp_path, name, params, kind):
+SOFTCAP_CASES = [("kl", {}, "hidden", "gemma2"), ("yao", {}, "topk", "gemma2")]
+
+
+@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize(("name", "params", "kind", "family"), SOFTCAP_CASES)
+def test_softcapped_head_matches_naive_fp64(tmp_path, backend, name, params, kind, family):
+    """Gemma-2's final-logit softcap reaches the KL's student and reference logits."""
+    gen, seed = generator()
+    cls = get_method(name)
+    p = cls.Params(**params)
+    method = cls(p, ResponseLosses(backend=backend))
+    model, model64, batches = setup_case(tmp_path, gen, kind, method.needs(), family)
+    totals = StepTotals.of(batches)
+    oracle = naive_objective(model64, name, p, batches, kind)
+    values = run_fused(method, model, OBJECTIVE, batches, totals)
+    grads = lora_grads(model)
+    names = [n for n, q in model64.named_parameters() if q.requires_grad]
+    expected = torch.autograd.grad(
+        oracle[OBJECTIVE], [q for q in model64.parameters() if q.requires_grad]
+    )
+    for term, value in values.items():
+        assert rel_err(torch.tensor(value), oracle[term]) < 2e-5, (term, value, seed)
+    for n, g in zip(names, expected, strict=True):
+        assert rel_err(grads[n], g) < 1e-4, (n, seed)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "kind", "family"),
+    [(*case, "llama") for case in CASES] + SOFTCAP_CASES,
+)
+def test_logit_losses_give_the_fused_objective(tmp_path, name, params, kind, family):
     """The unfused path (the model's own logits, ``labels=`` loss) computes the same terms."""
     gen, seed = generator()
     cls = get_method(name)
     p = cls.Params(**params)
     fused, unfused = cls(p, ResponseLosses()), cls(p, LogitLosses())
-    model, _, batches = setup_case(tmp_path, gen, kind, fused.needs())
+    model, _, batches = setup_case(tmp_path, gen, kind, fused.needs(), family)
     totals = StepTotals.of(batches)
     for task in fused.tasks:
         a = run_fused(fused, model, task, batches, totals)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor, nn
 
 from unlearn_kernels.data.unlearn import IGNORE_INDEX, MicroBatch, StepTotals, TokenBatch
-from unlearn_kernels.hf import causal_lm_loss, final_hidden_states, output_head
+from unlearn_kernels.hf import OutputHead, causal_lm_loss, final_hidden_states, output_head
 from unlearn_kernels.ops.kl import fused_linear_kl, fused_linear_kl_topk
 
 OBJECTIVE = "objective"
@@ -67,7 +67,7 @@ class ResponseLosses:
 
     Args:
         backend, chunk_size: passed to the fused ops.
-        ref_weight: the reference's output weight for exact KL; ``None`` uses the model's own
+        ref_head: the reference's output layer for exact KL; ``None`` uses the model's own
             (frozen under LoRA). Full fine-tuning passes a frozen copy of the original.
     """
 
@@ -76,9 +76,9 @@ class ResponseLosses:
         *,
         backend: str | None = None,
         chunk_size: int | None = None,
-        ref_weight: Tensor | None = None,
+        ref_head: OutputHead | None = None,
     ) -> None:
-        self.backend, self.chunk_size, self.ref_weight = backend, chunk_size, ref_weight
+        self.backend, self.chunk_size, self.ref_head = backend, chunk_size, ref_head
 
     def nll(self, model: nn.Module, batch: TokenBatch, weight: float) -> Tensor:
         """``weight · Σ_t ℓ_t`` over the batch's response tokens (``weight`` carries the sign)."""
@@ -110,16 +110,27 @@ class ResponseLosses:
     def kl(self, model: nn.Module, batch: TokenBatch, weight: float) -> Tensor:
         """``weight · Σ_t KL(p_ref,t ‖ p_θ,t)`` over the response rows, the reference read from
         ``batch.reference`` (cached hidden states: exact; cached top-k: compressed)."""
-        hidden, head, ref = self._response_rows(model, batch)
-        token_weight = torch.full(hidden.shape[:1], float(weight), device=hidden.device)
-        options = {"token_weight": token_weight, "reduction": "sum", "backend": self.backend}
+        ref = reference_rows(batch)
+        head = output_head(model)
+        valid = batch.labels != IGNORE_INDEX
+        hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[valid]
+        hidden = hidden.to(head.weight.dtype)
+        options = {
+            "token_weight": torch.full(hidden.shape[:1], float(weight), device=hidden.device),
+            "bias": head.bias,
+            "softcap": head.softcap,
+            "reduction": "sum",
+            "chunk_size": self.chunk_size,
+            "backend": self.backend,
+        }
         if ref.hidden is not None:
+            ref_head = self.ref_head or head
             return fused_linear_kl(
                 hidden,
                 head.weight,
                 ref.hidden.to(hidden.device),
-                self.ref_weight,
-                chunk_size=self.chunk_size,
+                ref_head.weight,
+                ref_bias=ref_head.bias,
                 **options,
             )
         return fused_linear_kl_topk(
@@ -128,29 +139,21 @@ class ResponseLosses:
             ref.topk_index.to(hidden.device),
             ref.topk_logprob.to(hidden.device),
             ref.tail_logprob.to(hidden.device),
-            chunk_size=self.chunk_size,
             **options,
         )
 
-    def _response_rows(self, model: nn.Module, batch: TokenBatch):
-        """Hidden states of the response rows ``[n, d]``, the output head, the reference rows."""
-        ref = batch.reference
-        if ref is None:
-            raise ValueError("the KL term needs cached reference rows for this batch")
-        valid = batch.labels != IGNORE_INDEX
-        if not torch.equal(batch.labels[valid].cpu(), ref.label):
-            raise ValueError(
-                "the cached reference rows do not match this batch's response tokens: the cache "
-                "was built from other data or tokenisation; rebuild it"
-            )
-        head = output_head(model)
-        if head.bias is not None or head.softcap is not None:
-            raise ValueError(
-                "the fused KL does not model an output-layer bias or logit softcap: this model's "
-                "lm_head has one, so its KL to the reference cannot be computed exactly"
-            )
-        hidden = final_hidden_states(model, batch.input_ids, batch.attention_mask)[valid]
-        return hidden.to(head.weight.dtype), head, ref
+
+def reference_rows(batch: TokenBatch):
+    """``batch.reference``, checked to hold this batch's response tokens in order."""
+    ref = batch.reference
+    if ref is None:
+        raise ValueError("the KL term needs cached reference rows for this batch")
+    if not torch.equal(batch.labels[batch.labels != IGNORE_INDEX].cpu(), ref.label):
+        raise ValueError(
+            "the cached reference rows do not match this batch's response tokens: the cache "
+            "was built from other data or tokenisation; rebuild it"
+        )
+    return ref
 
 
 class LogitLosses(ResponseLosses):
@@ -176,13 +179,13 @@ class LogitLosses(ResponseLosses):
         return per_token.sum(1)
 
     def kl(self, model: nn.Module, batch: TokenBatch, weight: float) -> Tensor:
-        _, head, ref = self._response_rows(model, batch)
+        ref = reference_rows(batch)
         valid = batch.labels != IGNORE_INDEX
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         log_q = torch.log_softmax(logits[valid].float(), dim=-1)
         if ref.hidden is not None:
-            ref_weight = head.weight if self.ref_weight is None else self.ref_weight
-            ref_logits = ref.hidden.to(log_q.device, ref_weight.dtype) @ ref_weight.t()
+            ref_head = self.ref_head or output_head(model)
+            ref_logits = ref_head.logits(ref.hidden.to(log_q.device))
             log_p = torch.log_softmax(ref_logits.float(), dim=-1)
             per_row = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
         else:

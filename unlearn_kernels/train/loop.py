@@ -46,7 +46,7 @@ from unlearn_kernels.data.unlearn import (
     read_split,
     with_responses,
 )
-from unlearn_kernels.hf import frozen_forward, output_head
+from unlearn_kernels.hf import OutputHead, frozen_forward, output_head
 from unlearn_kernels.methods import LogitLosses, Method, ResponseLosses, get_method
 from unlearn_kernels.methods.base import OBJECTIVE, Needs
 from unlearn_kernels.train.checkpoints import (
@@ -266,16 +266,18 @@ class UnlearningRun:
         self._load_sets()
         model = load_base_model(config, self.device)
         self._open_references(model)
-        ref_weight = None
+        ref_head = None
         if self.needs.retain_reference and config.adapter.kind == "full":
-            ref_weight = output_head(model).weight.detach().clone()  # the weight will train
+            head = output_head(model)  # its weight will train: keep the reference's
+            bias = None if head.bias is None else head.bias.detach().clone()
+            ref_head = OutputHead(head.weight.detach().clone(), bias, head.softcap)
         torch.manual_seed(config.train.seed)
         self.model = attach_adapter(model, config.adapter)
         losses_cls = LogitLosses if config.train.loss == "unfused" else ResponseLosses
         losses = losses_cls(
             backend=config.train.backend,
             chunk_size=config.train.chunk_size,
-            ref_weight=ref_weight,
+            ref_head=ref_head,
         )
         self.method: Method = get_method(config.method.name)(config.method, losses)
         self.trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
