@@ -32,12 +32,50 @@ def tiny_llama(seed: int, *, dtype: torch.dtype = torch.float32, **overrides) ->
     return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).to(dtype).train()
 
 
-def lora(model: nn.Module, *, targets: tuple[str, ...] = ("q_proj", "v_proj")) -> nn.Module:
-    """PEFT LoRA with random (non-zero) A and B, so the adapters change the outputs."""
+#: Tiny configs of every family :func:`unlearn_kernels.patch` supports (d=32, V=97, 2 layers).
+#: The Gemma caps are small so that the softcap bites on random weights.
+FAMILY_CONFIGS = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "phi3": {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},
+    "gemma2": {"head_dim": 8, "final_logit_softcapping": 3.0},
+    "gemma3_text": {"head_dim": 8, "final_logit_softcapping": 3.0},
+}
+
+
+def tiny_causal_lm(model_type: str, seed: int, **overrides) -> nn.Module:
+    """A 2-layer model of ``model_type`` with random weights (d=32, V=97) in train mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    settings = {
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        **FAMILY_CONFIGS[model_type],
+        **overrides,
+    }
+    config = AutoConfig.for_model(model_type, **settings)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+def lora(model: nn.Module, *, targets: tuple[str, ...] | str = ("q_proj", "v_proj")) -> nn.Module:
+    """PEFT LoRA with random (non-zero) A and B, so the adapters change the outputs
+    (``targets="all-linear"``: every linear layer but ``lm_head``)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets), init_lora_weights=False
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        init_lora_weights=False,
     )
     return get_peft_model(model, config)
 

@@ -1,8 +1,12 @@
 """unlearn-kernels: fused loss kernels for LLM unlearning.
 
 The losses take final hidden states and the output weight and never hold the ``[N, V]``
-logits: see :mod:`unlearn_kernels.ops.chunking`.
+logits: see :mod:`unlearn_kernels.ops.chunking`. :func:`patch` (from
+:mod:`unlearn_kernels.patching`, imported on first use with transformers and peft) makes a
+Hugging Face model's own ``labels=`` loss the fused one.
 """
+
+import importlib
 
 import torch  # noqa: F401  (the C++ extension needs torch loaded first)
 
@@ -16,25 +20,24 @@ from unlearn_kernels.ops.cross_entropy import CrossEntropyOutput, fused_linear_c
 from unlearn_kernels.ops.kl import fused_linear_kl, fused_linear_kl_topk
 from unlearn_kernels.ops.ngdiff import NGDiffNorms, ngdiff_combine
 
-#: Exported here, imported on first use (the cache's module pulls in the optional HF stack).
-_REFERENCE_CACHE_NAMES = (
-    "CacheSettings",
-    "ReferenceBatch",
-    "ReferenceCache",
-    "build_reference_cache",
-)
+#: Exported here, imported on first use (their modules pull in the optional HF stack).
+_LAZY = {
+    **dict.fromkeys(
+        ("CacheSettings", "ReferenceBatch", "ReferenceCache", "build_reference_cache"),
+        "unlearn_kernels.train.reference_cache",
+    ),
+    **dict.fromkeys(("PatchHandle", "patch"), "unlearn_kernels.patching"),
+}
 
 
 def __getattr__(name: str):
-    if name in _REFERENCE_CACHE_NAMES:
-        from unlearn_kernels.train import reference_cache
-
-        return getattr(reference_cache, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'unlearn_kernels' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_REFERENCE_CACHE_NAMES})
+    return sorted({*globals(), *_LAZY})
 
 
 __version__ = "0.1.0"
@@ -46,6 +49,7 @@ __all__ = [
     "FusedLinearKLLoss",
     "FusedLinearKLTopkLoss",
     "NGDiffNorms",
+    "PatchHandle",
     "ReferenceBatch",
     "ReferenceCache",
     "__version__",
@@ -55,4 +59,5 @@ __all__ = [
     "fused_linear_kl",
     "fused_linear_kl_topk",
     "ngdiff_combine",
+    "patch",
 ]

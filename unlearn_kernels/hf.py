@@ -103,6 +103,18 @@ class OutputHead:
         z = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)
         return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
 
+    def cross_entropy(self, hidden: Tensor, labels: Tensor, **options: Any) -> Tensor:
+        """:func:`~unlearn_kernels.fused_linear_cross_entropy` of these logits (never built) on
+        ``hidden`` cast to the weight's dtype; ``options`` are the op's keywords."""
+        return fused_linear_cross_entropy(
+            hidden.to(self.weight.dtype),
+            self.weight,
+            labels,
+            bias=self.bias,
+            softcap=self.softcap,
+            **options,
+        )
+
 
 def output_head(model: nn.Module) -> OutputHead:
     """``lm_head``'s weight and bias and the final logit softcap, as the model uses them now."""
@@ -264,15 +276,12 @@ def causal_lm_loss(
     weights = _expand_token_weight(token_weight, labels)
     head = output_head(model)
     hidden = final_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-    return fused_linear_cross_entropy(
-        hidden.to(head.weight.dtype),
-        head.weight,
+    return head.cross_entropy(
+        hidden,
         labels,
         token_weight=weights,
-        bias=head.bias,
         ignore_index=ignore_index,
         reduction=reduction,
-        softcap=head.softcap,
         chunk_size=chunk_size,
         backend=backend,
     )
