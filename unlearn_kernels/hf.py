@@ -98,6 +98,11 @@ class OutputHead:
     bias: Tensor | None
     softcap: float | None
 
+    def frozen_copy(self) -> OutputHead:
+        """A detached copy: the reference's head when the model's own will train."""
+        bias = None if self.bias is None else self.bias.detach().clone()
+        return OutputHead(self.weight.detach().clone(), bias, self.softcap)
+
     def logits(self, hidden: Tensor) -> Tensor:
         """Materialised logits of ``hidden`` (for checks and small slices only)."""
         z = nn.functional.linear(hidden.to(self.weight.dtype), self.weight, self.bias)

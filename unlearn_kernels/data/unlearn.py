@@ -15,7 +15,7 @@ examples): resuming a run needs only the step number.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,10 @@ class StepTotals:
     """Normalisers over all micro-batches of a step, so that accumulated micro-batch terms equal
     the term of the whole step: ``NLL(S) = Σ_mb Σ_t ℓ_t / S_tokens``."""
 
-    forget_tokens: int
-    retain_tokens: int
-    mismatch_tokens: int
-    forget_sequences: int
+    forget_tokens: float
+    retain_tokens: float
+    mismatch_tokens: float
+    forget_sequences: float
 
     @classmethod
     def of(cls, micro_batches: list[MicroBatch]) -> StepTotals:
@@ -170,6 +170,14 @@ class StepTotals:
             mismatch_tokens=tokens("mismatch"),
             forget_sequences=sum(len(mb.forget.index) for mb in micro_batches),
         )
+
+    def per_process(self, world: int) -> StepTotals:
+        """The normalisers of one of ``world`` processes that each hold a share of the step's
+        examples: the totals over ``world``, so that the mean over the processes of their terms
+        (what a data-parallel all-reduce of the gradients computes) is the step's term."""
+        if world == 1:
+            return self
+        return StepTotals(*(getattr(self, f.name) / world for f in fields(self)))
 
 
 class StepSampler:

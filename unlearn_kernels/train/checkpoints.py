@@ -5,12 +5,15 @@ uninterrupted one.
 
 - ``trainable.safetensors``: every trainable tensor (the LoRA adapter, or all weights);
 - ``optimizer.pt``: the optimizer's state dict (read back with ``weights_only=True``);
-- ``rng.safetensors``: the torch RNG states (CPU and each CUDA device): dropout's randomness;
+- ``rng.safetensors``: the torch RNG states (CPU and each CUDA device) of every process, as
+  ``rank<r>/cpu``, ``rank<r>/cuda:<i>``: dropout's randomness;
 - ``state.json``: the step, the scheduler's state and the NGDiff step counter.
 
 The data position is the step itself (:class:`~unlearn_kernels.data.unlearn.StepSampler`); the
-GeN learning rate lives in the optimizer's parameter groups. A directory appears under its final
-name only when complete; older checkpoints beyond ``keep`` are then removed.
+GeN learning rate and the NGDiff step counter live in the optimizer's parameter groups. A
+directory appears under its final name only when complete; older checkpoints beyond ``keep`` are
+then removed. Under data parallelism every process calls :func:`save_checkpoint` (their RNG
+states are gathered) and rank 0 writes; every process loads.
 """
 
 from __future__ import annotations
@@ -22,25 +25,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from unlearn_kernels._io import write_dir_atomically
+from unlearn_kernels.train import distributed
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
 def _rng_states() -> dict[str, Tensor]:
+    """This process's RNG states, and under data parallelism every process's (gathered)."""
     states = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             states[f"cuda:{index}"] = torch.cuda.get_rng_state(index)
-    return states
+    if not distributed.active():
+        return {f"rank0/{name}": state for name, state in states.items()}
+    device = torch.device("cuda", torch.cuda.current_device()) if _nccl() else torch.device("cpu")
+    gathered = {}
+    for name, state in states.items():  # same names and sizes on every process
+        parts = [torch.empty_like(state, device=device) for _ in range(distributed.world_size())]
+        dist.all_gather(parts, state.to(device))
+        gathered.update({f"rank{r}/{name}": part.cpu() for r, part in enumerate(parts)})
+    return gathered
 
 
-def _set_rng_states(states: dict[str, Tensor]) -> None:
-    for name, state in states.items():
+def _nccl() -> bool:
+    return dist.get_backend() == "nccl"
+
+
+def _set_rng_states(states: dict[str, Tensor], path: Path) -> None:
+    prefix = f"rank{distributed.rank()}/"
+    mine = {k.removeprefix(prefix): v for k, v in states.items() if k.startswith(prefix)}
+    if not mine:
+        ranks = sorted({k.split("/")[0] for k in states})
+        raise ValueError(
+            f"checkpoint {path} holds the RNG states of {', '.join(ranks)}, not of this process "
+            f"({prefix.rstrip('/')}): resume with the number of processes that wrote it"
+        )
+    for name, state in mine.items():
         if name == "cpu":
             torch.set_rng_state(state)
         else:
@@ -58,7 +84,8 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` and keep only the newest ``keep`` checkpoints."""
     root = output_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"step-{step:06d}"
+    rng = _rng_states()
 
     def fill(tmp: Path) -> None:
         save_file(
@@ -66,12 +93,15 @@ def save_checkpoint(
             str(tmp / "trainable.safetensors"),
         )
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file(_rng_states(), str(tmp / "rng.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
         (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
 
-    path = write_dir_atomically(root / f"step-{step:06d}", fill)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+    if distributed.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        write_dir_atomically(path, fill)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old)
+    distributed.barrier()
     return path
 
 
@@ -103,5 +133,5 @@ def load_checkpoint(
         for name, tensor in trainable.items():
             tensor.copy_(tensors[name])
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    _set_rng_states(load_file(str(path / "rng.safetensors")))
+    _set_rng_states(load_file(str(path / "rng.safetensors")), path)
     return json.loads((path / "state.json").read_text())

@@ -105,12 +105,14 @@ class TaskGradients:
         self.active: str | None = None
         self._fresh: set[str] = set()
 
-    def accumulate(self, task: str) -> None:
-        """Zero ``task``'s gradient and make the following backward passes add into it."""
+    def accumulate(self, task: str, *, fresh: bool = True) -> None:
+        """Make the following backward passes add into ``task``'s gradient, zeroed first when
+        ``fresh`` (``fresh=False`` continues it: micro-batches that alternate the tasks)."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self._capture()
-        torch._foreach_zero_(self._buffers[task])
+        if fresh or task not in self._fresh:
+            torch._foreach_zero_(self._buffers[task])
         self._attach(task)
         self.active = task
         self._fresh.add(task)
@@ -262,6 +264,7 @@ class StepReport:
     stepped: bool  # False when neither task contributed (the optimizer step was skipped)
     lr: float  # group 0's learning rate used by this step
     probe: ProbeReport | None
+    grad_norm: float | None = None  # the direction's norm before clipping (when clipping)
 
 
 class NGDiffStep:
@@ -300,7 +303,17 @@ class NGDiffStep:
         self.max_grad_norm = max_grad_norm
         self.forget_sign = forget_sign
         self.backend = backend
-        self.steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps taken (GeN probes when ``steps % gen.every == 0``). Kept in the
+        optimizer's first parameter group (``ngdiff_steps``), beside the learning rate GeN sets,
+        so that any checkpoint of the optimizer carries it."""
+        return self.optimizer.param_groups[0].get("ngdiff_steps", 0)
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.optimizer.param_groups[0]["ngdiff_steps"] = value
 
     def step(
         self,
@@ -329,18 +342,19 @@ class NGDiffStep:
             )
         lr = float(self.optimizer.param_groups[0]["lr"])
         stepped = len(flags) < 2
-        probe = None
+        probe = grad_norm = None
         if stepped:
             params = self.grads.params
             start = [p.detach().clone() for p in params] if due else []
             if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
             self.optimizer.step()
             if due:
                 loss_fn = probe_loss or self._default_probe(norms, forget_loss, retain_loss)
                 probe = self._probe(params, start, loss_fn, lr)
             self.steps += 1
-        return StepReport(forget_norm, retain_norm, float(norms.cosine), flags, stepped, lr, probe)
+        cosine = float(norms.cosine)
+        return StepReport(forget_norm, retain_norm, cosine, flags, stepped, lr, probe, grad_norm)
 
     def _default_probe(
         self,
