@@ -144,3 +144,43 @@ def _script(tmp_path: Path) -> Path:
     path = tmp_path / "killer.py"
     path.write_text(KILLER)
     return path
+
+
+TRAINER = """
+import json, sys
+from unlearn_kernels.train import distributed
+from unlearn_kernels.train.config import load_config
+from unlearn_kernels.train.trainer import UnlearningTrainer
+
+trainer = UnlearningTrainer.from_config(load_config(sys.argv[1]), disable_tqdm=True)
+assert distributed.world_size() == 2
+trainer.train()
+trainer.save_model()
+if distributed.is_main():
+    with open(sys.argv[2], "w") as f:
+        json.dump([entry for entry in trainer.state.log_history if "loss" in entry], f)
+"""
+
+
+def test_the_trainer_under_torchrun_takes_the_steps_of_one_process(world, tmp_path):
+    config = two_process_config(world, "ngdiff", tmp_path / "trainer", train={"batch_size": 4})
+    (tmp_path / "trainer.yaml").write_text(config_yaml(config))
+    script = tmp_path / "train.py"
+    script.write_text(TRAINER)
+    logs = tmp_path / "logs.json"
+    done = torchrun(str(script), str(tmp_path / "trainer.yaml"), str(logs))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run(config.model_copy(update={"output_dir": str(tmp_path / "one")}), progress=False)
+    got, expected = json.loads(logs.read_text()), metrics(tmp_path / "one")
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5]
+    for a, b in zip(got, expected, strict=True):
+        for key, value in b.items():
+            if key in ("step", "lr"):
+                continue
+            tight = a["step"] == 1 or key.endswith("_nll")
+            assert math.isclose(a[key], value, rel_tol=1e-5 if tight else 5e-3, abs_tol=1e-5), (
+                key, a, b,
+            )  # fmt: skip
+    trained = load_file(str(tmp_path / "trainer" / "adapter_model.safetensors"))
+    errors = {name: rel_err(trained[name], t) for name, t in adapter(tmp_path / "one").items()}
+    assert max(errors.values()) < 2e-3, errors

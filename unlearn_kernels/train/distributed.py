@@ -69,11 +69,17 @@ def broadcast_from_main(tensors: Sequence[Tensor]) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def launched_world_size() -> int:
+    """The number of processes a launcher (``torchrun``, ``accelerate launch``) started, from
+    the environment (``WORLD_SIZE``), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_from_environment(device: torch.device) -> bool:
-    """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
-    environment (``WORLD_SIZE`` > 1): NCCL for CUDA devices, gloo otherwise. Returns whether this
-    call created it (so the caller destroys it)."""
-    if active() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Join the process group the launcher describes in the environment (when it started more
+    than one process): NCCL for CUDA devices, gloo otherwise. Returns whether this call created
+    it (so the caller destroys it)."""
+    if active() or launched_world_size() <= 1:
         return False
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
