@@ -137,7 +137,7 @@ class UnlearningTrainer(Trainer):
             raise ValueError("args.max_steps must be set: the optimizer steps to take")
         params = method.params if isinstance(method, Method) else _method_params(method)
         gen = params.name == "ngdiff" and params.gen
-        if gen and args.lr_scheduler_type != "constant" or gen and args.get_warmup_steps(1):
+        if gen and (args.lr_scheduler_type != "constant" or args.get_warmup_steps(1)):
             raise ValueError(
                 "args.lr_scheduler_type: NGDiff's GeN sets the learning rate itself; use "
                 "lr_scheduler_type='constant' without warmup, or the method's gen: false"
