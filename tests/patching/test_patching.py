@@ -246,3 +246,62 @@ def test_a_model_with_accelerate_hooks_is_patched_beneath_them():
     assert rel_err(out.loss, own) < TOL, seed
     remove_hook_from_module(model)  # accelerate puts _old_forward back as model.forward
     assert model.forward.__func__ is type(model).forward  # the original, not ours
+
+
+def _trainer_step(model, rows, tmp_path, name, **args):
+    """One SGD step of transformers' own Trainer on ``rows``; the trainable tensors after it."""
+    from transformers import Trainer, TrainingArguments
+
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path / name),
+        max_steps=1,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        **args,
+    )
+    Trainer(model=model, args=arguments, train_dataset=rows).train()
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_transformers_trainer_keeps_token_weight_and_honours_num_items_in_batch(tmp_path):
+    """One batch of 4 and two accumulated micro-batches of 2 (of unequal label counts) take the
+    same step: the Trainer's ``num_items_in_batch`` reaches the fused loss; ``token_weight``
+    survives the Trainer's column filter (all-zero weights leave the model as it was)."""
+    gen, seed = generator()
+    ids = torch.randint(4, 97, (4, 12), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[:2, 3:8] = -100  # micro-batch 1 has far fewer labelled tokens than micro-batch 2
+    weight = torch.randn(labels.shape, generator=gen)
+
+    def rows(w):
+        return [
+            {"input_ids": ids[i], "attention_mask": torch.ones(12, dtype=torch.long),
+             "labels": labels[i], "token_weight": w[i]}
+            for i in range(4)
+        ]  # fmt: skip
+
+    results = {}
+    for name, args, w in (
+        ("whole", {"per_device_train_batch_size": 4}, weight),
+        (
+            "accumulated",
+            {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+            weight,
+        ),
+        ("zero", {"per_device_train_batch_size": 4}, torch.zeros_like(weight)),
+    ):
+        model = lora(tiny_causal_lm("qwen3", seed), targets="all-linear")
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        with uk.patch(model):
+            results[name] = _trainer_step(model, rows(w), tmp_path, name, **args)
+    for n, p in results["whole"].items():
+        assert not torch.equal(p, start[n])
+        assert rel_err(results["accumulated"][n] - start[n], p - start[n]) < 1e-5, (n, seed)
+        assert torch.equal(results["zero"][n], start[n]), n
