@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from oracle import available_backends, generator
+from oracle import available_backends, generator, rel_err
 from torch import Tensor, nn
 
 from unlearn_kernels.ops.ngdiff import _plan
@@ -444,3 +444,80 @@ def test_peft_lora_training_loop():
     assert all(not torch.equal(p, b) for p, b in zip(params, lora_before, strict=True))
     named = dict(model.named_parameters())
     assert all(torch.equal(named[n], p) for n, p in frozen.items())
+
+
+def _fsdp_worker(rank: int, world: int, init_file: str, out_file: str, data: dict) -> None:
+    """One rank of a ``fully_shard`` model: its half of each batch, two micro-batches per task,
+    the gradients reduce-scattered by FSDP into the task buffers, the norms all-reduced by the
+    combine; then an SGD step with GeN (probe losses averaged over the ranks)."""
+    import warnings
+
+    warnings.simplefilter("error", RuntimeWarning)  # stale probes fail instead of warning
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        torch.manual_seed(0)
+        model = Toy()
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the probes move the shards
+        grads = TaskGradients(model.parameters())
+        assert grads.shard_group is not None
+        local = sum(g.numel() for g in grads.grads["forget"])
+        assert local < sum(p.numel() for p in grads.params)  # a shard, not the whole gradient
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        step = NGDiffStep(grads, optimizer, gen=GeN(every=1))
+        shard = {task: tuple(t.chunk(world)[rank] for t in data[task]) for task in data}
+        accumulate(grads, model, shard["forget"], shard["retain"], 2)
+        report = step.step(
+            forget_loss=lambda: nll(model, shard["forget"]),
+            retain_loss=lambda: nll(model, shard["retain"]),
+        )
+        full = [p.full_tensor() for p in grads.params]
+        if rank == 0:
+            torch.save({"params": full, "report": [report.forget_norm, report.retain_norm,
+                        report.cosine, report.probe.lr]}, out_file)  # fmt: skip
+        dist.barrier()
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    os._exit(0)  # as in _dp_worker: skip gloo's C++ teardown once the results are saved
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_fsdp_shards_take_the_ngdiff_step_of_one_process(tmp_path):
+    g, _ = generator()
+    data = {"forget": make_data(g, 16), "retain": make_data(g, 16)}
+    out_file = str(tmp_path / "rank0.pt")
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), out_file, data), nprocs=2)
+    results = torch.load(out_file, weights_only=True)
+    torch.manual_seed(0)
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = NGDiffStep(TaskGradients(model.parameters()), optimizer, gen=GeN(every=1))
+    accumulate(step.grads, model, data["forget"], data["retain"], 1)
+    report = step.step(
+        forget_loss=lambda: nll(model, data["forget"]),
+        retain_loss=lambda: nll(model, data["retain"]),
+    )
+    expected = [report.forget_norm, report.retain_norm, report.cosine, report.probe.lr]
+    for got, want in zip(results["report"], expected, strict=True):
+        assert math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-7), (results["report"], expected)
+    for got, want in zip(results["params"], step.grads.params, strict=True):
+        assert rel_err(got, want) < 1e-6
+
+
+def test_probes_that_do_not_see_the_parameters_warn():
+    g, _ = generator()
+    model = Toy()
+    step = NGDiffStep(
+        TaskGradients(model.parameters()),
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        gen=GeN(every=1),
+    )
+    accumulate(step.grads, model, make_data(g, 8), make_data(g, 8), 1)
+    frozen = float(nll(model, make_data(g, 8)).detach())  # a loss fixed before the probes
+    with pytest.warns(RuntimeWarning, match="probe losses are identical"):
+        report = step.step(forget_loss=lambda: frozen, retain_loss=lambda: frozen)
+    assert not report.probe.fit.accepted

@@ -31,6 +31,12 @@ Fast path: tensors that are consecutive views of one flat buffer (for example Lo
 allocated by :func:`unlearn_kernels.train.ngdiff.flat_like`) are coalesced into one segment,
 so each sweep is a single pass over contiguous memory. Partial sums are taken over a fixed
 partition of the segments, so every backend is bit-reproducible run to run.
+
+Sharded gradients (FSDP2's ``fully_shard``: each process holds a shard of every gradient, a
+``DTensor``): with ``process_group`` the three sums of the local shards are all-reduced (one
+all-reduce of three float64 numbers) before the coefficients are formed, so the norms and the
+cosine are global, and the write sweep stays one pass over the local shards. ``DTensor``
+gradients are combined through their local tensors.
 """
 
 from __future__ import annotations
@@ -39,7 +45,9 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from unlearn_kernels.backends import get_backend
 
@@ -63,6 +71,11 @@ class _Plan(NamedTuple):
     copy_back: list[tuple[Tensor, Tensor]]  # (user's out_j, segment written by the kernel)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor`` (sharing its memory), else ``t`` itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _as_list(name: str, value: Tensor | Sequence[Tensor]) -> list[Tensor]:
     if not isinstance(value, (Tensor, list, tuple)):
         raise ValueError(
@@ -74,7 +87,7 @@ def _as_list(name: str, value: Tensor | Sequence[Tensor]) -> list[Tensor]:
     for j, t in enumerate(tensors):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name}[{j}] must be a torch.Tensor, got {type(t).__name__}")
-    return tensors
+    return [local_tensor(t) for t in tensors]
 
 
 def _first(mismatch: list[bool]) -> int:
@@ -202,6 +215,7 @@ def ngdiff_combine(
     eps: float = 1e-12,
     forget_sign: float = -1.0,
     backend: str | None = None,
+    process_group: dist.ProcessGroup | None = None,
 ) -> NGDiffNorms:
     """Write ``out_j = R_j/max(‖R‖,eps) + forget_sign·F_j/max(‖F‖,eps)``; return the norms.
 
@@ -211,7 +225,9 @@ def ngdiff_combine(
     are the parameters' ``.grad``, so the direction lands where the optimizer reads it);
     ``out_j`` may also be ``F_j`` or memory disjoint from both lists. Norms are global over
     the lists, accumulated in fp32 over a fixed partition and summed in float64. See the
-    module docstring for zero and non-finite gradients.
+    module docstring for zero and non-finite gradients. With ``process_group`` the lists are
+    this process's shards of gradients sharded over the group (FSDP): the norms are global
+    (every process of the group must call this).
     """
     forget = _as_list("forget_grads", forget_grads)
     retain = _as_list("retain_grads", retain_grads)
@@ -220,13 +236,17 @@ def ngdiff_combine(
     with torch.no_grad():
         plan = _plan(forget, retain, outs)
         kernels = get_backend(backend, forget[0].device)
-        if not plan.forget:  # every tensor is empty
-            return NGDiffNorms(*torch.zeros(3, device=forget[0].device))
-        sums = kernels.ngdiff_sums(plan.forget, plan.retain)
+        if plan.forget:
+            sums = kernels.ngdiff_sums(plan.forget, plan.retain)
+        else:  # every (local) tensor is empty
+            sums = torch.zeros(3, dtype=torch.float64, device=forget[0].device)
+        if process_group is not None:
+            dist.all_reduce(sums, group=process_group)
         norms = sums[:2].sqrt()
         forget_norm, retain_norm = norms[0], norms[1]
         coef = combine_coefficients(forget_norm, retain_norm, eps=eps, forget_sign=forget_sign)
-        kernels.ngdiff_write(plan.forget, plan.retain, plan.out, coef)
+        if plan.forget:
+            kernels.ngdiff_write(plan.forget, plan.retain, plan.out, coef)
         for dst, src in plan.copy_back:
             dst.copy_(src)
         cosine = sums[2] / (forget_norm.clamp_min(eps) * retain_norm.clamp_min(eps))

@@ -25,7 +25,10 @@ re-pointed), and the norms are taken once, on the accumulated gradient. Under da
 parallelism the combine runs after the all-reduce: with ``DistributedDataParallel`` (use
 ``model.no_sync()`` on all but the last micro-batch of each task, as usual) the buffers
 already hold the reduced gradients; without it, ``TaskGradients(all_reduce=True)`` averages
-both buffers over the process group before combining.
+both buffers over the process group before combining. Under FSDP2 (``fully_shard``: the
+parameters are ``DTensor`` shards) the buffers hold each process's shard of the reduced
+gradients (FSDP accumulates into them) and the combine all-reduces its three sums over the
+shards' process group, so the norms are global and the write stays one pass over the shard.
 
 Zero and non-finite gradients follow :mod:`unlearn_kernels.ops.ngdiff`: a zero task gradient
 (an empty forget batch, or a task with no backward this step) contributes nothing; a
@@ -43,8 +46,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
-from unlearn_kernels.ops.ngdiff import NGDiffNorms, combine_coefficients, ngdiff_combine
+from unlearn_kernels.ops.ngdiff import (
+    NGDiffNorms,
+    combine_coefficients,
+    local_tensor,
+    ngdiff_combine,
+)
 
 TASKS = ("forget", "retain")
 
@@ -77,6 +86,8 @@ class TaskGradients:
     buffer per (device, dtype) (the combine's fast path); parameters are kept grouped by
     (device, dtype) in :attr:`params`. If something replaces a ``.grad`` (``set_to_none``, a
     ``create_graph`` backward, DDP's bucket views), its value is copied back into the buffer.
+    ``DTensor`` parameters (FSDP2) get buffers shaped like their local shards; their norms are
+    global over ``process_group`` (default: the group of their 1-D device mesh).
     """
 
     def __init__(
@@ -94,13 +105,18 @@ class TaskGradients:
         self.params = sorted(trainable, key=lambda p: keys.index((p.device, p.dtype)))
         self.all_reduce = all_reduce
         self.process_group = process_group
+        shards = [p for p in self.params if isinstance(p, DTensor)]
+        self.shard_group = None
+        if shards:
+            self.shard_group = process_group or shards[0].device_mesh.get_group()
+        local = [local_tensor(p) for p in self.params]
         self.grads: dict[str, list[Tensor]] = {}
         self._buffers: dict[str, list[Tensor]] = {}
         for task in TASKS:
             if flat:
-                self.grads[task], self._buffers[task] = flat_like(self.params)
+                self.grads[task], self._buffers[task] = flat_like(local)
             else:
-                self.grads[task] = [torch.zeros_like(p) for p in self.params]
+                self.grads[task] = [torch.zeros_like(t) for t in local]
                 self._buffers[task] = self.grads[task]
         self.active: str | None = None
         self._fresh: set[str] = set()
@@ -136,6 +152,7 @@ class TaskGradients:
             eps=eps,
             forget_sign=forget_sign,
             backend=backend,
+            process_group=self.shard_group,
         )
         self._attach("retain")
         self.active = None
@@ -144,6 +161,15 @@ class TaskGradients:
 
     def _attach(self, task: str) -> None:
         for p, g in zip(self.params, self.grads[task], strict=True):
+            if isinstance(p, DTensor):
+                g = DTensor.from_local(
+                    g,
+                    p.device_mesh,
+                    p.placements,
+                    run_check=False,
+                    shape=p.shape,
+                    stride=p.stride(),
+                )
             p.grad = g
 
     def _capture(self) -> None:
@@ -154,8 +180,8 @@ class TaskGradients:
             for p, g in zip(self.params, self.grads[self.active], strict=True):
                 if p.grad is None:
                     g.zero_()
-                elif p.grad.data_ptr() != g.data_ptr():
-                    g.copy_(p.grad)
+                elif local_tensor(p.grad).data_ptr() != g.data_ptr():
+                    g.copy_(local_tensor(p.grad))
 
     def _all_reduce(self) -> None:
         world = dist.get_world_size(self.process_group)
@@ -232,8 +258,11 @@ def probe_losses(
     """``(L(θ₀ + δ), L(θ₀), L(θ₀ − δ))`` with ``θ₀ = start`` and ``θ₀ − δ`` the current params.
 
     Runs ``loss_fn`` three times under ``torch.no_grad()``; the parameters are restored
-    bit for bit afterwards, and nothing else (optimizer state included) is touched.
+    bit for bit afterwards, and nothing else (optimizer state included) is touched. Sharded
+    (``DTensor``) parameters are moved through their local shards.
     """
+    params = [local_tensor(p) for p in params]
+    start = [local_tensor(t) for t in start]
     with torch.no_grad():
         current = [p.detach().clone() for p in params]
         try:
@@ -280,6 +309,11 @@ class NGDiffStep:
     rank applies the same learning rate. GeN sets the optimizer's learning rates itself: do not
     combine it with another learning-rate scheduler. ``max_grad_norm`` clips the combined
     direction before the optimizer step.
+
+    The probes move the parameters in place between forwards. FSDP2 keeps the root module's
+    parameters gathered after a forward by default, so later forwards would not see the move:
+    shard the root with ``fully_shard(model, reshard_after_forward=True)`` (or call
+    ``model.reshard()`` in the closures). Three identical probe losses raise a warning.
     """
 
     def __init__(
@@ -345,7 +379,7 @@ class NGDiffStep:
         probe = grad_norm = None
         if stepped:
             params = self.grads.params
-            start = [p.detach().clone() for p in params] if due else []
+            start = [local_tensor(p).detach().clone() for p in params] if due else []
             if self.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
             self.optimizer.step()
@@ -381,6 +415,14 @@ class NGDiffStep:
         lr: float,
     ) -> ProbeReport:
         losses = probe_losses(params, start, loss_fn)
+        if losses[0] == losses[1] == losses[2]:
+            warnings.warn(
+                "GeN: the three probe losses are identical; the forward did not see the probed "
+                "parameters (an FSDP2 root keeps its gathered parameters after forward: use "
+                "reshard_after_forward=True) or the step is below float resolution",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if dist.is_available() and dist.is_initialized():
             group = self.grads.process_group
             mean = torch.tensor(losses, dtype=torch.float64, device=params[0].device)
