@@ -344,7 +344,6 @@ def test_qlora_nf4_gets_lora_gradients_and_forgets(world, tmp_path):
 
 
 def test_ngdiff_probes_run_without_dropout_and_leave_train_mode(world, tmp_path):
-    from unlearn_kernels.data.unlearn import StepTotals
     from unlearn_kernels.train.loop import UnlearningRun
 
     out = tmp_path / "run"
@@ -355,9 +354,8 @@ def test_ngdiff_probes_run_without_dropout_and_leave_train_mode(world, tmp_path)
         for name, p in state.model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
-    batches = state.micro_batches(0)
-    totals = StepTotals.of(batches)
-    probes = [state._task_loss("forget", batches, totals) for _ in range(3)]
+    batches, totals = state.data.step(0)
+    probes = [state.steps._task_loss("forget", batches, totals) for _ in range(3)]
     assert probes[0] == probes[1] == probes[2]  # dropout 0.5 would make them differ
     assert state.model.training
     with torch.no_grad():
