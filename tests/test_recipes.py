@@ -82,50 +82,22 @@ def test_patch_any_model_tiny_ascends_on_every_family():
         assert line["nll_after"] > line["nll_before"], line
 
 
-def test_qlora_tiny():
-    (report,) = run_python("python/qlora_single_gpu.py", "--tiny")
+def test_qlora_tiny_runs_within_20_percent_of_its_memory_estimate():
+    """The tiny QLoRA run, and its peak resident memory above the process before it (after a
+    warm-up run) against the formula, within 20%. glibc's mmap threshold is fixed so that freed
+    buffers go back to the system: by default it keeps freed blocks of up to 32 MB in the heap,
+    allocator slack the estimate leaves out (as it leaves out the CUDA caching allocator's)."""
+    (report,) = run_python(
+        "python/qlora_single_gpu.py", "--tiny", env={"MALLOC_MMAP_THRESHOLD_": "65536"}
+    )
     last = report["last"]
-    assert last["step"] == 3 and math.isfinite(last["forget_nll"]) and last["retain_kl"] >= 0
+    assert last["step"] == 2 and math.isfinite(last["forget_nll"]) and last["retain_kl"] >= 0
     assert (Path(report["adapter"]) / "adapter_model.safetensors").is_file()
+    ratio = report["measured"] / report["estimate"]
+    assert 0.8 <= ratio <= 1.2, report
 
 
 def test_qlora_statement_is_the_formula_on_llama_3_8b():
     recipe = recipe_module("qlora_single_gpu")
     table = recipe.estimate(recipe.LLAMA_3_8B, **recipe.STATEMENT).table()
     assert textwrap.indent(table, "    ") in recipe.__doc__
-
-
-MEASURE = """
-import json, sys, tempfile
-from pathlib import Path
-sys.path.insert(0, "python")
-import qlora_single_gpu as recipe
-from tiny import tiny_world
-from transformers import AutoConfig
-from unlearn_kernels._memory import rss_bytes
-from unlearn_kernels.train.loop import run
-
-root = Path(tempfile.mkdtemp())
-# warm-up: libraries, thread pools and kernels load on first use, and are not the run's memory
-small = tiny_world(root / "small")
-warm = recipe.run_config(small["model"], small["forget"], small["retain"], str(root / "warm"),
-                         steps=1, setting=recipe.TINY)
-run(warm, progress=False)
-world = recipe.tiny_setup(root / "world")
-config = recipe.run_config(world["model"], world["forget"], world["retain"], str(root / "run"),
-                           steps=2, setting=recipe.TINY)
-estimate = recipe.estimate(AutoConfig.from_pretrained(world["model"]), **recipe.TINY)
-baseline = rss_bytes()
-summary = run(config, progress=False)
-print(json.dumps({"estimate": estimate.total, "measured": summary.peak_bytes - baseline}))
-"""
-
-
-def test_qlora_estimate_predicts_the_peak_resident_memory_of_the_tiny_run():
-    """Peak resident memory of the tiny QLoRA run above the process before it, against the
-    formula, within 20%. glibc's mmap threshold is fixed so that freed buffers go back to the
-    system: by default it keeps freed blocks of up to 32 MB in the heap, allocator slack the
-    estimate leaves out (as it leaves out the CUDA caching allocator's)."""
-    (report,) = run_python("-c", MEASURE, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
-    ratio = report["measured"] / report["estimate"]
-    assert 0.8 <= ratio <= 1.2, report
