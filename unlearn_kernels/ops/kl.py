@@ -55,6 +55,7 @@ from unlearn_kernels._checks import (
 )
 from unlearn_kernels._options import KLOptions, KLRowMath
 from unlearn_kernels.backends import backend_name, get_backend
+from unlearn_kernels.ops import library
 from unlearn_kernels.ops.autocast import autocast_cast, autocast_off
 from unlearn_kernels.ops.chunking import (
     RowEpilogue,
@@ -446,6 +447,8 @@ def fused_linear_kl(
         The loss in fp32 (fp64 for fp64 inputs); gradients flow to ``hidden``, ``weight`` and
         ``bias``.
     """
+    if torch.compiler.is_compiling():  # one opaque operator in the graph
+        return library.call("kl", **locals())
     hidden, weight, bias, ref_weight, ref_bias = autocast_cast(
         hidden, weight, bias, ref_weight, ref_bias
     )
@@ -535,6 +538,8 @@ def fused_linear_kl_topk(
 
     The other arguments and the return value are those of :func:`fused_linear_kl`.
     """
+    if torch.compiler.is_compiling():  # one opaque operator in the graph
+        return library.call("kl_topk", **locals())
     hidden, weight, bias = autocast_cast(hidden, weight, bias)
     vocab, d = check_linear(hidden, weight, bias)
     check_selection(labels, token_weight, hidden, vocab, ignore_index)

@@ -131,13 +131,19 @@ def make_forward(
     ]
     params = params[:-1] + extra + params[-1:]
     call_signature = signature.replace(parameters=params)
+    positional = [
+        p.name
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
 
     def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         run_original = original if bound else functools.partial(original, self)
-        bound_args = call_signature.bind(*args, **kwargs)
-        arguments = dict(bound_args.arguments)
-        var_keyword = params[-1].name
-        arguments.update(arguments.pop(var_keyword, {}))
+        if len(args) > len(positional):
+            raise TypeError(
+                f"forward takes {len(positional)} positional arguments, got {len(args)}"
+            )
+        arguments = {**dict(zip(positional, args, strict=False)), **kwargs}  # compile: no inspect
         if arguments.get("labels") is None and arguments.get("shift_labels") is None:
             if arguments.get("token_weight") is not None:
                 raise ValueError("token_weight needs labels (it weighs the shifted labels)")
