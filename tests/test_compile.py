@@ -190,7 +190,7 @@ def test_patched_tiny_llama_compiles_without_graph_breaks(variant):
     mask[2, 8:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :4] = -100
-    token_weight = torch.randn(labels.shape, generator=g)
+    token_weight = torch.rand(labels.shape, generator=g) + 0.5
     params = [p for p in model.parameters() if p.requires_grad]
 
     def loss(ids, mask, labels, token_weight):

@@ -126,7 +126,7 @@ def test_num_items_in_batch_makes_accumulation_one_large_batch():
     gen, seed = generator()
     model = lora(tiny_causal_lm("llama", seed), targets="all-linear")
     ids, mask, labels = batch(gen, 6)
-    weight = torch.randn(labels.shape, generator=gen)
+    weight = torch.rand(labels.shape, generator=gen) + 0.5  # one sign: no cancelling sum
     uk.patch(model)
     whole = model(input_ids=ids, attention_mask=mask, labels=labels, token_weight=weight).loss
     whole.backward()
