@@ -30,14 +30,6 @@ from unlearn_kernels.patching.families import Family
 IGNORE_INDEX = -100
 
 
-def _shift(labels: Tensor, token_weight: Tensor | None, ignore_index: int):
-    """``labels[:, 1:]`` and ``token_weight[:, 1:]``, padded back to ``T`` (ignored, weight 0)."""
-    shifted = nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
-    if token_weight is not None:
-        token_weight = nn.functional.pad(token_weight[..., 1:], (0, 1), value=0.0)
-    return shifted, token_weight
-
-
 def _check_token_weight(token_weight: Tensor | None, labels: Tensor) -> Tensor | None:
     if token_weight is None:
         return None
@@ -80,12 +72,9 @@ def fused_loss_forward(
 
     outputs = model.get_decoder()(**arguments, return_dict=True)
     hidden = outputs.last_hidden_state
-    if shift_labels is None:
-        token_weight = _check_token_weight(token_weight, labels)
-        targets, token_weight = _shift(labels.to(hidden.device), token_weight, ignore_index)
-    else:
-        targets = shift_labels.to(hidden.device)
-        token_weight = _check_token_weight(token_weight, targets)
+    shift = shift_labels is None  # labels= are shifted by the op (shift_labels= already are)
+    targets = (labels if shift else shift_labels).to(hidden.device)
+    token_weight = _check_token_weight(token_weight, targets)
     head = output_head(model)
     if not family.softcap:  # the family's forward ignores any softcap key in its config
         head = replace(head, softcap=None)
@@ -95,6 +84,7 @@ def fused_loss_forward(
         token_weight=token_weight,
         ignore_index=ignore_index,
         reduction="mean" if num_items is None else "sum",
+        shift=shift,
         chunk_size=chunk_size,
         backend=backend,
     )
