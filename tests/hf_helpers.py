@@ -17,19 +17,7 @@ WORDS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"] + [f"w{i}" for i in range(VOCAB - 4
 
 def tiny_llama(seed: int, *, dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
     """A 2-layer Llama with random weights (d=32, V=97) in train mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    settings = {
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 64,
-    }
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **overrides})).to(dtype).train()
+    return tiny_causal_lm("llama", seed, **overrides).to(dtype)
 
 
 #: Tiny configs of every family :func:`unlearn_kernels.patch` supports (d=32, V=97, 2 layers).
@@ -138,13 +126,21 @@ def bnb_usable() -> str | None:
     return None
 
 
-def qlora_llama(tmp_path: Path, seed: int) -> nn.Module:
-    """``tiny_llama`` saved and reloaded with bitsandbytes nf4 decoder layers, plus LoRA."""
+def qlora_model(
+    tmp_path: Path,
+    seed: int,
+    model_type: str = "llama",
+    *,
+    targets: tuple[str, ...] | str = ("q_proj", "v_proj"),
+) -> nn.Module:
+    """``tiny_causal_lm`` (d=64) saved and reloaded with bitsandbytes nf4 decoder layers, plus
+    LoRA on ``targets``."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if (reason := bnb_usable()) is not None:
         pytest.skip(reason)
-    tiny_llama(seed, hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    base = tiny_causal_lm(model_type, seed, hidden_size=64, intermediate_size=128)
+    base.save_pretrained(tmp_path / "base")
     quantised = AutoModelForCausalLM.from_pretrained(
         tmp_path / "base",
         dtype=torch.float32,
@@ -153,4 +149,4 @@ def qlora_llama(tmp_path: Path, seed: int) -> nn.Module:
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
         ),
     )
-    return lora(quantised.train())
+    return lora(quantised.train(), targets=targets)

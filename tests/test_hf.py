@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_helpers import lora, qlora_llama, random_pairs, tiny_llama, unshifted_labels
+from hf_helpers import lora, qlora_model, random_pairs, tiny_llama, unshifted_labels
 from oracle import generator, rel_err
 
 from unlearn_kernels.data import causal_lm_labels, response_mask
@@ -240,7 +240,7 @@ def test_frozen_forward_restores_modes_and_disables_adapters():
 
 def test_qlora_nf4_matches_unfused_with_gradients(tmp_path):
     gen, seed = generator()
-    model = qlora_llama(tmp_path, seed)
+    model = qlora_model(tmp_path, seed)
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())

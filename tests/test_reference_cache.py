@@ -15,7 +15,7 @@ from hf_helpers import (
     WORDS,
     hf_word_tokenizer,
     lora,
-    qlora_llama,
+    qlora_model,
     random_pairs,
     tiny_llama,
     word_tokenizer,
@@ -533,7 +533,7 @@ def test_bad_arguments_leave_no_directory(tmp_path):
 
 def test_qlora_reference_cache_keeps_training_possible(tmp_path):
     gen, seed = generator()
-    model = qlora_llama(tmp_path, seed)
+    model = qlora_model(tmp_path, seed)
     import bitsandbytes as bnb
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hf_helpers import FAMILY_CONFIGS, bnb_usable, lora, random_pairs, tiny_causal_lm
+from hf_helpers import FAMILY_CONFIGS, lora, qlora_model, random_pairs, tiny_causal_lm
 from oracle import generator, rel_err
 
 import unlearn_kernels as uk
@@ -28,22 +28,7 @@ def build(model_type: str, variant: str, seed: int, tmp_path) -> torch.nn.Module
         return tiny_causal_lm(model_type, seed)
     if variant == "peft":
         return lora(tiny_causal_lm(model_type, seed), targets="all-linear")
-    if (reason := bnb_usable()) is not None:
-        pytest.skip(reason)
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_causal_lm(model_type, seed, hidden_size=64, intermediate_size=128).save_pretrained(
-        tmp_path / "base"
-    )
-    quantised = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base",
-        dtype=torch.float32,
-        local_files_only=True,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-        ),
-    )
-    return lora(quantised.train(), targets="all-linear")
+    return qlora_model(tmp_path, seed, model_type, targets="all-linear")
 
 
 def sharpen_head(model: torch.nn.Module) -> None:
