@@ -172,10 +172,10 @@ class UnlearningTrainer(Trainer):
         self.data.open_references(self.model, reference, directory, self.processing_class)
         if not isinstance(method, Method):
             head = output_head(self.model)
-            ref_weight = None
+            ref_head = None
             if needs.retain_reference and head.weight.requires_grad:
-                ref_weight = head.weight.detach().clone()  # the reference's, before training
-            losses = ResponseLosses(backend=backend, chunk_size=chunk_size, ref_weight=ref_weight)
+                ref_head = head.frozen_copy()  # the reference's, before training
+            losses = ResponseLosses(backend=backend, chunk_size=chunk_size, ref_head=ref_head)
             method = get_method(params.name)(params, losses)
         self.method = method
         self.unlearning: UnlearningStep | None = None
