@@ -15,6 +15,7 @@ examples): resuming a run needs only the step number.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -47,16 +48,41 @@ def read_split(
     max_length: int | None,
     chat_template: bool = False,
 ) -> TokenizedPairs:
-    """Tokenise one JSONL set; errors name ``path:line``. An empty set is a ``ValueError``.
+    """Tokenise one JSONL set as :func:`tokenize_split` does; errors name ``path:line``. An
+    empty set is a ``ValueError``."""
+    records = read_jsonl_lines(path)
+    if not records:
+        raise ValueError(f"{path} holds no example (every line is blank)")
+    data = tokenize_split(
+        [(prompt, response) for _, prompt, response in records],
+        tokenizer,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        max_length=max_length,
+        chat_template=chat_template,
+        names=[f"{path}:{line}" for line, _, _ in records],
+    )
+    return replace(data, source_sha256=file_sha256(path))
+
+
+def tokenize_split(
+    pairs: Sequence[tuple[str, str]],
+    tokenizer: Any,
+    *,
+    bos_token_id: int | None,
+    eos_token_id: int | None,
+    max_length: int | None,
+    chat_template: bool = False,
+    names: Sequence[str] | None = None,
+) -> TokenizedPairs:
+    """:func:`~unlearn_kernels.data.formats.tokenize_pairs` of ``(prompt, response)`` pairs,
+    the one tokenisation of training and evaluation.
 
     With ``chat_template`` each prompt is rendered as a single user turn by the tokenizer's chat
     template (with the generation prompt; the template supplies any BOS, so ``bos_token_id`` is
     not added).
     """
-    records = read_jsonl_lines(path)
-    if not records:
-        raise ValueError(f"{path} holds no example (every line is blank)")
-    prompts = [prompt for _, prompt, _ in records]
+    prompts = [prompt for prompt, _ in pairs]
     if chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("data.chat_template is true but the tokenizer has no chat template")
@@ -67,15 +93,14 @@ def read_split(
             for prompt in prompts
         ]
         bos_token_id = None
-    data = tokenize_pairs(
-        [(prompt, response) for prompt, (_, _, response) in zip(prompts, records, strict=True)],
+    return tokenize_pairs(
+        [(prompt, response) for prompt, (_, response) in zip(prompts, pairs, strict=True)],
         tokenizer,
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
         max_length=max_length,
-        names=[f"{path}:{line}" for line, _, _ in records],
+        names=names,
     )
-    return replace(data, source_sha256=file_sha256(path))
 
 
 def with_responses(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +21,17 @@ def run_device(train: TrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def special_token_ids(tokenizer: Any, model_dir: str) -> tuple[int | None, int | None]:
-    """``(bos, eos)`` ids: the tokenizer's own, else the model config's."""
+def special_token_ids(tokenizer: Any, model_config: Any) -> tuple[int | None, int | None]:
+    """``(bos, eos)`` ids: the tokenizer's own, else the model config's (``model_config``: a
+    model directory or a loaded ``PretrainedConfig``)."""
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     if bos is None or eos is None:
-        from transformers import AutoConfig
+        config = model_config
+        if isinstance(config, str | Path):
+            from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+            config = AutoConfig.from_pretrained(config, local_files_only=True)
         bos = config.bos_token_id if bos is None else bos
         eos = config.eos_token_id if eos is None else eos
     if isinstance(eos, list):  # some configs list several end tokens: the first ends responses
