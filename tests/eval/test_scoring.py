@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from eval_oracle import greedy_oracle, oracle_nll
 from hf_helpers import hf_word_tokenizer, lora, random_pairs, tiny_llama
 from oracle import generator, rel_err
 
-from unlearn_kernels.data.formats import TokenizedPairs, tokenize_pairs
+from unlearn_kernels.data.formats import tokenize_pairs
 from unlearn_kernels.eval.scoring import (
     Prompting,
     greedy_continuations,
@@ -17,21 +18,6 @@ from unlearn_kernels.eval.scoring import (
     response_nll,
     verbatim_prefixes,
 )
-
-
-def _oracle_nll(model, data: TokenizedPairs) -> list[torch.Tensor]:
-    """Each example alone (no padding), eval mode: −log_softmax(logits.double()) of its
-    response tokens."""
-    out = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for tokens, prompt_length in data.sequences():
-            logits = model(input_ids=tokens[None]).logits[0].double()
-            logp = torch.log_softmax(logits[:-1], -1).gather(1, tokens[1:, None])[:, 0]
-            out.append(-logp[prompt_length - 1 :])
-    model.train(was_training)
-    return out
 
 
 @pytest.mark.parametrize("adapter", [False, True])
@@ -44,7 +30,7 @@ def test_response_nll_equals_float64_log_softmax(adapter):
     data = random_pairs(gen, 7, min_len=3, max_len=13)  # odd lengths, right padding
     got = response_nll(model, data, batch_size=3)
     assert model.training
-    want = _oracle_nll(model, data)
+    want = oracle_nll(model, data)
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.dtype == torch.float64 and g.shape == w.shape, (seed, i)
         assert rel_err(g, w) < 1e-5, (seed, i, rel_err(g, w))
@@ -62,17 +48,6 @@ def test_response_nll_does_not_depend_on_batching():
         response_nll(model, data, batch_size=0)
 
 
-def _greedy_oracle(model, prompt: torch.Tensor, steps: int, eos: int) -> list[int]:
-    ids = prompt.tolist()
-    with torch.no_grad():
-        for _ in range(steps):
-            nxt = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            ids.append(nxt)
-    return ids[prompt.numel() :]
-
-
 def test_greedy_continuations_batched_with_left_padding_equal_one_at_a_time():
     gen, seed = generator()
     tokenizer = hf_word_tokenizer()
@@ -84,7 +59,9 @@ def test_greedy_continuations_batched_with_left_padding_equal_one_at_a_time():
     got = greedy_continuations(
         model, tokenizer, prompts, eos_token_id=2, max_new_tokens=6, batch_size=3
     )
-    want = [tokenizer.decode(_greedy_oracle(model, p, 6, 2)) for p in prompts]
+    want = [
+        tokenizer.decode(greedy_oracle(model, p, 6, 2), skip_special_tokens=True) for p in prompts
+    ]
     assert got == want, seed
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_continuations(model, tokenizer, prompts, eos_token_id=2, max_new_tokens=0)
