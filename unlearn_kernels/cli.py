@@ -10,8 +10,15 @@ reference model once over a data set and writes a reference cache (see
 :mod:`unlearn_kernels.train.reference_cache`). ``--data`` is a ``.jsonl`` file of
 ``{"prompt": ..., "response": ...}`` lines (tokenised with ``--tokenizer``, by default the
 model directory's tokenizer, with its own BOS/EOS) or a pre-tokenised ``.safetensors`` file
-(see :mod:`unlearn_kernels.data.formats`). Models and tokenizers are read from local paths
-only. Every flag is checked before anything is loaded or written.
+(see :mod:`unlearn_kernels.data.formats`).
+
+``unlearn-kernels eval --model DIR [--adapter DIR] --data DIR [options]`` scores a local causal
+LM (optionally with a PEFT adapter) on TOFU-format data with TOFU's and MUSE's metrics (see
+:mod:`unlearn_kernels.eval`), prints them as a table and writes the report as JSON (``--out``);
+``--retain-report`` (a report of the retain-only model) adds forget quality and privacy leakage.
+
+Models and tokenizers are read from local paths only. Every flag is checked before anything is
+loaded or written.
 """
 
 from __future__ import annotations
@@ -60,6 +67,25 @@ def _positive_float(text: str) -> float:
     if not 0.0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be positive and finite, got {text}")
     return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def _forget_split(text: str) -> str:
+    from unlearn_kernels.eval.data import forget_percent
+
+    try:
+        forget_percent(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected forgetNN with NN in 01..99 (e.g. forget10), got {text!r}"
+        ) from None
+    return text
 
 
 def _token_id(text: str) -> int | None:
@@ -121,6 +147,11 @@ def _check_args(args: argparse.Namespace) -> None:
         )
     if int(args.shard_mib * 2**20) < 1:
         raise ValueError(f"--shard-mib {args.shard_mib} is below one byte")
+    _check_model_flags(args)
+
+
+def _check_model_flags(args: argparse.Namespace) -> None:
+    """The placement and quantisation flags of :func:`_add_model_flags`."""
     if args.device_map is not None:
         if args.device is not None:
             raise ValueError("pass --device or --device-map, not both")
@@ -224,6 +255,89 @@ def _cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_eval_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Every ``eval`` flag, without loading the model: returns the data and the retain-only
+    model's report (or ``None``)."""
+    from unlearn_kernels.eval import EvalReport, read_tofu
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r} is not a local model directory (no config.json)")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise ValueError(f"--tokenizer {args.tokenizer!r} does not exist")
+    if args.tokenizer is None and not _has_tokenizer(model_dir):
+        raise ValueError(
+            f"--model {args.model!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+            "pass --tokenizer"
+        )
+    if args.adapter is not None:
+        if not (Path(args.adapter) / "adapter_config.json").is_file():
+            raise ValueError(f"--adapter {args.adapter!r} is not a PEFT adapter directory")
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--adapter needs peft: pip install 'unlearn-kernels[hf]'")
+    if args.out is not None:
+        if args.out.is_dir():
+            raise ValueError(f"--out {str(args.out)!r} is a directory; name the JSON file")
+        if not args.out.parent.is_dir():
+            raise ValueError(f"--out {str(args.out)!r}: its directory does not exist")
+    _check_model_flags(args)
+    try:
+        data = read_tofu(args.data, args.forget_split)
+    except ValueError as err:
+        raise ValueError(f"--data {args.data}: {err}") from err
+    reference = None
+    if args.retain_report is not None:
+        try:
+            reference = EvalReport.from_json(Path(args.retain_report).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--retain-report {args.retain_report}: {err}") from err
+        split = reference.settings.get("forget_split")
+        if split != args.forget_split:
+            raise ValueError(
+                f"--retain-report {args.retain_report} was computed on {split!r}, "
+                f"not --forget-split {args.forget_split}"
+            )
+    return data, reference
+
+
+def _print_table(metrics: dict[str, float]) -> None:
+    width = max(len(name) for name in metrics)
+    print(f"{'metric':<{width}}  value")
+    for name, value in metrics.items():
+        print(f"{name:<{width}}  {value:.4g}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    data, reference = _check_eval_args(args)
+    from unlearn_kernels._io import write_text_atomically
+    from unlearn_kernels.data.formats import load_tokenizer
+    from unlearn_kernels.eval import evaluate
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = _load_model(args)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    report = evaluate(
+        model,
+        tokenizer,
+        data,
+        retain_reference=reference,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        add_bos=not args.no_bos,
+        add_eos=not args.no_eos,
+        chat_template=args.chat_template,
+        min_k=args.min_k,
+    )
+    _print_table(report.metrics)
+    if args.out is not None:
+        write_text_atomically(args.out, report.to_json())
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from unlearn_kernels.train.config import default_config_yaml, load_config
     from unlearn_kernels.train.loop import run
@@ -245,6 +359,19 @@ def _run(args: argparse.Namespace) -> int:
     }
     print(json.dumps(report))
     return 0
+
+
+def _add_model_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """The flags :func:`_load_model` reads: dtype, nf4, device or device map."""
+    parser.add_argument("--model-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
+    parser.add_argument("--load-in-4bit", action="store_true", help=f"bitsandbytes nf4 {what}")
+    parser.add_argument(
+        "--device", type=_device, help=f"device of the {what}, e.g. cuda:0 (default: cpu)"
+    )
+    parser.add_argument(
+        "--device-map",
+        help=f"accelerate device map: {', '.join(_DEVICE_MAP_STRATEGIES)} or a device",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,15 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-label-logprob", action="store_true", help="do not store label log-probs"
     )
     cache.add_argument("--hidden-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
-    cache.add_argument("--model-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
-    cache.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4 reference")
-    cache.add_argument(
-        "--device", type=_device, help="device of the reference model, e.g. cuda:0 (default: cpu)"
-    )
-    cache.add_argument(
-        "--device-map",
-        help=f"accelerate device map: {', '.join(_DEVICE_MAP_STRATEGIES)} or a device",
-    )
+    _add_model_flags(cache, "reference model")
     cache.add_argument(
         "--batch-size", type=_int_at_least(1), default=8, help="examples per forward pass"
     )
@@ -340,6 +459,54 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="score a model with TOFU's and MUSE's metrics",
+        description="Evaluate a local causal LM on TOFU-format data (forget quality, model "
+        "utility, answer probability, ROUGE, truth ratio, MUSE memorisation and privacy leakage).",
+    )
+    evaluation.add_argument("--model", required=True, help="local transformers model directory")
+    evaluation.add_argument("--adapter", help="PEFT adapter directory to apply to --model")
+    evaluation.add_argument("--data", required=True, help="directory of TOFU-format JSON files")
+    evaluation.add_argument(
+        "--forget-split",
+        type=_forget_split,
+        default="forget10",
+        help="forget01, forget05, forget10, ... (default forget10)",
+    )
+    evaluation.add_argument(
+        "--retain-report",
+        help="JSON report of the retain-only model (adds forget_quality and privleak)",
+    )
+    evaluation.add_argument("--out", type=Path, help="write the report here as JSON")
+    evaluation.add_argument(
+        "--tokenizer", help="tokenizer.json or a tokenizer directory (default: --model's)"
+    )
+    evaluation.add_argument(
+        "--batch-size", type=_int_at_least(1), default=16, help="sequences per forward pass"
+    )
+    evaluation.add_argument(
+        "--max-new-tokens",
+        type=_int_at_least(1),
+        default=32,
+        help="greedy tokens per answer / continuation",
+    )
+    evaluation.add_argument(
+        "--min-k", type=_fraction, default=0.4, help="Min-K%% fraction of tokens (default 0.4)"
+    )
+    evaluation.add_argument(
+        "--no-bos", action="store_true", help="no BOS before prompts (training's data.add_bos)"
+    )
+    evaluation.add_argument(
+        "--no-eos", action="store_true", help="no EOS after answers (training's data.add_eos)"
+    )
+    evaluation.add_argument(
+        "--chat-template", action="store_true", help="render questions with the chat template"
+    )
+    _add_model_flags(evaluation, "model")
+    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
+    evaluation.set_defaults(func=_eval)
     return parser
 
 

@@ -54,17 +54,22 @@ class EvalData:
     forget_split: str = "forget10"
 
 
-def read_tofu(data_dir: str | Path, forget_split: str = "forget10") -> EvalData:
-    """The evaluation sets of ``forget_split`` from a TOFU-format directory (module docstring)."""
+def forget_percent(forget_split: str) -> str:
+    """``NN`` of a split name ``forgetNN`` (01..99); anything else is a ``ValueError``."""
     match = _FORGET_SPLIT.fullmatch(forget_split) if isinstance(forget_split, str) else None
     if match is None or not 0 < int(match.group(1)) < 100:
         raise ValueError(
             f"forget_split must be forgetNN with NN in 01..99 (e.g. forget10), got {forget_split!r}"
         )
+    return match.group(1)
+
+
+def read_tofu(data_dir: str | Path, forget_split: str = "forget10") -> EvalData:
+    """The evaluation sets of ``forget_split`` from a TOFU-format directory (module docstring)."""
+    percent = forget_percent(forget_split)
     root = Path(data_dir)
     if not root.is_dir():
         raise ValueError(f"data_dir {str(root)!r} is not a directory")
-    percent = match.group(1)
     forget = read_items(root / f"{forget_split}_perturbed.json", paraphrased=True, perturbed=True)
     retain = read_items(root / "retain_perturbed.json", paraphrased=True, perturbed=True)
     holdout = read_items(root / f"holdout{percent}.json")
