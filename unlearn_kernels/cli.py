@@ -300,11 +300,16 @@ def _check_eval_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return data, reference
 
 
+#: The first rows of ``eval``'s table (the rest follow in computation order).
+_HEADLINE = ("forget_quality", "model_utility", "forget_prob", "retain_prob", "privleak")
+
+
 def _print_table(metrics: dict[str, float]) -> None:
-    width = max(len(name) for name in metrics)
+    names = [n for n in _HEADLINE if n in metrics] + [n for n in metrics if n not in _HEADLINE]
+    width = max(len(name) for name in names)
     print(f"{'metric':<{width}}  value")
-    for name, value in metrics.items():
-        print(f"{name:<{width}}  {value:.4g}")
+    for name in names:
+        print(f"{name:<{width}}  {metrics[name]:.4g}")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unlearn_kernels.eval import EvalReport, muse, tofu
+from unlearn_kernels.eval import EvalReport, metrics, muse, tofu
 
 
 def test_probability_is_the_mean_of_exp_minus_mean_nll():
@@ -138,3 +138,73 @@ def test_report_json_round_trip_and_errors():
         EvalReport.from_json('{"metrics": {}}')
     with pytest.raises(ValueError, match="malformed"):
         EvalReport.from_json('{"version": 1, "metrics": {"mink_auc": 0.5}}')
+
+
+def _hand_scores() -> metrics.Scores:
+    ln2, ln4 = math.log(2), math.log(4)
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return metrics.Scores(
+        sets={
+            "forget": metrics.SetScores(
+                answer_nll=[t(ln2, ln2), t(ln4)],
+                base_nll=[0.0, ln2],
+                perturbed_nll=[[ln2, ln2], [0.0, 2 * ln2]],
+                generated=["apple banana", "cherry"],
+                answers=["apple banana", "dog"],
+            ),
+            "retain": metrics.SetScores(
+                answer_nll=[t(0.0), t(ln2)],
+                base_nll=[ln2, ln2],
+                perturbed_nll=[[2 * ln2], [3 * ln2]],
+                generated=["xray", "zulu"],
+                answers=["xray yak", "zulu"],
+            ),
+            "wf": metrics.SetScores(
+                answer_nll=[t(ln2)],
+                base_nll=[ln2],
+                perturbed_nll=[[ln2, ln4]],
+                generated=["apple"],
+                answers=["apple"],
+            ),
+        },
+        holdout_nll=[t(3.0, 0.1), t(0.1)],
+        continuations=["pear quince"],
+        continuation_targets=["pear rose"],
+        min_k=0.4,
+    )
+
+
+def test_registry_computes_every_metric_of_hand_scores():
+    got = metrics.compute_metrics(_hand_scores())
+    wf_tr = 1 - 2**-0.5  # R = exp(ln2 − (ln2 + ln4)/2) = 2^(−1/2)
+    utility = [0.75, 0.625, 0.75, 0.4, wf_tr, 1.0]
+    want = {
+        "forget_prob": 0.375,  # (1/2 + 1/4) / 2
+        "forget_truth_ratio": 0.75,  # R = 1/2, 1 -> min(R, 1/R) = 1/2, 1
+        "forget_rouge": 0.5,
+        "knowmem": 0.5,
+        "retain_prob": 0.75,
+        "retain_truth_ratio": 0.625,  # R = 1/2, 1/4 -> 1 − R = 1/2, 3/4
+        "retain_rouge": 0.75,  # recall 1/2, 1
+        "retain_knowmem": (2 / 3 + 1) / 2,  # F1 2/3, 1
+        "wf_prob": 0.4,  # 1/2 / (1/2 + 1/2 + 1/4)
+        "wf_truth_ratio": wf_tr,
+        "wf_rouge": 1.0,
+        "model_utility": len(utility) / sum(1 / v for v in utility),
+        "verbmem": 0.5,  # LCS 1 of 2 and 2 words
+        "mink_auc": 0.5,  # forget ln2, ln4; holdout 3.0, 0.1 -> 2 of 4 pairs
+    }
+    assert set(got) == set(want)  # no ra_* without real authors
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_registry_takes_new_metrics_and_refuses_duplicates(monkeypatch):
+    monkeypatch.setattr(metrics, "METRICS", dict(metrics.METRICS))
+
+    @metrics.metric("forget_prob_squared")
+    def squared(scores, values):
+        return values["forget_prob"] ** 2
+
+    assert metrics.compute_metrics(_hand_scores())["forget_prob_squared"] == 0.375**2
+    with pytest.raises(ValueError, match="already registered"):
+        metrics.metric("privleak")(squared)

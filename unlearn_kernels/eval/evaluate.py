@@ -1,10 +1,10 @@
 """One evaluation of a model on TOFU-format data: every TOFU and MUSE metric in one report.
 
 :func:`evaluate` scores every answer of every set in one batched pass of fused per-token NLLs
-and generates every greedy answer in one batched pass (:mod:`.scoring`), then computes the
-metrics of :mod:`.tofu` and :mod:`.muse`. The metrics that compare against the retain-only
-model (``forget_quality``, ``privleak``) need that model's :class:`EvalReport`
-(``retain_reference``), which is cached as JSON (:meth:`EvalReport.to_json`).
+and generates every greedy answer in one batched pass (:mod:`.scoring`), then computes every
+metric registered in :mod:`.metrics` (definitions in :mod:`.tofu` and :mod:`.muse`). The
+comparisons against the retain-only model (``forget_quality``, ``privleak``) need that model's
+:class:`EvalReport` (``retain_reference``), which is cached as JSON (:meth:`EvalReport.to_json`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from unlearn_kernels.eval import muse, tofu
 from unlearn_kernels.eval.data import EvalData, QAItem
+from unlearn_kernels.eval.metrics import COMPARISONS, Scores, SetScores, compute_metrics
 from unlearn_kernels.eval.scoring import (
     Prompting,
     decode,
@@ -51,21 +52,16 @@ class EvalReport:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def against(self, reference: EvalReport) -> EvalReport:
-        """This report with ``forget_quality`` (KS p-value of the forget truth ratios against
-        ``reference``'s) and ``privleak`` (against ``reference``'s ``mink_auc``) added."""
+        """This report with every comparison of :mod:`.metrics` against ``reference`` (the
+        retain-only model's) added: ``forget_quality`` (KS p-value of the forget truth ratios)
+        and ``privleak`` (of ``mink_auc``)."""
         if self.settings.get("forget_split") != reference.settings.get("forget_split"):
             raise ValueError(
                 f"retain_reference was computed on {reference.settings.get('forget_split')!r}, "
                 f"this report on {self.settings.get('forget_split')!r}"
             )
-        metrics = {
-            **self.metrics,
-            "forget_quality": tofu.forget_quality(
-                self.forget_truth_ratios, reference.forget_truth_ratios
-            ),
-            "privleak": muse.privleak(self.metrics["mink_auc"], reference.metrics["mink_auc"]),
-        }
-        return replace(self, metrics=metrics)
+        compared = {name: float(fn(self, reference)) for name, fn in COMPARISONS.items()}
+        return replace(self, metrics={**self.metrics, **compared})
 
     def to_json(self) -> str:
         """The report as a JSON document (:meth:`from_json` reads it back)."""
@@ -147,102 +143,35 @@ def evaluate(
     chat_template: bool = False,
     min_k: float = muse.MIN_K,
 ) -> EvalReport:
-    """Every TOFU and MUSE metric of ``model`` on ``data`` (:class:`EvalReport`).
+    """Every registered metric (:mod:`.metrics`) of ``model`` on ``data``, and with
+    ``retain_reference`` every comparison (:meth:`EvalReport.against`).
 
     ``add_bos``, ``add_eos`` and ``chat_template`` must be the run config's ``data`` options
     (the answers are scored as they were trained). ``max_new_tokens`` bounds each greedy answer
     and continuation; ``min_k`` is Min-K%'s fraction.
     """
-    prompting = Prompting.of(
-        model, tokenizer, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template
-    )
-    sets = {"forget": data.forget, "retain": data.retain, "wf": data.world_facts}
-    if data.real_authors is not None:
-        sets["ra"] = data.real_authors
-
-    # -- one NLL pass over every scored answer -------------------------------------------
-    pairs = _Pairs()
-    answers = {
-        name: pairs.add([(i.question, i.answer) for i in items]) for name, items in sets.items()
-    }
-    paraphrases = {
-        name: pairs.add([(i.question, i.paraphrased_answer) for i in sets[name]])
-        for name in ("forget", "retain")
-    }
-    perturbed = {name: pairs.add_perturbed(items) for name, items in sets.items()}
-    holdout = pairs.add([(i.question, i.answer) for i in data.holdout])
-    tokens = prompting.tokenize(tokenizer, pairs.pairs)
-    token_nll = response_nll(
-        model, tokens, batch_size=batch_size, progress=progress, desc="scoring"
-    )
-    nll = mean_nll(token_nll)
-
-    # -- one generation pass: answers to every question, then the forget continuations ----
-    prompts = prompt_tokens(tokens)
-    questions = [prompts[k] for name in sets for k in range(len(nll))[answers[name]]]
-    eos = prompting.eos_token_id
-    verb_prompts, verb_rests = verbatim_prefixes(
-        tokens.select(range(len(nll))[answers["forget"]]), eos
-    )
-    verb_targets = [decode(tokenizer, rest) for rest in verb_rests]
-    texts = greedy_continuations(
+    scores = score(
         model,
         tokenizer,
-        questions + verb_prompts,
-        eos_token_id=eos,
-        max_new_tokens=max_new_tokens,
+        data,
         batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
         progress=progress,
+        prompting=Prompting.of(
+            model, tokenizer, add_bos=add_bos, add_eos=add_eos, chat_template=chat_template
+        ),
+        min_k=min_k,
     )
-    generated, start = {}, 0
-    for name, items in sets.items():
-        generated[name] = texts[start : start + len(items)]
-        start += len(items)
-    continuations = texts[start:]
-
-    # -- the metrics ----------------------------------------------------------------------
-    metrics: dict[str, float] = {}
-    ratios = {}
-    for name, items in sets.items():
-        wrong = [nll[s] for s in perturbed[name]]
-        if name in paraphrases:
-            metrics[f"{name}_prob"] = tofu.probability(nll[answers[name]])
-            base = nll[paraphrases[name]]
-        else:  # world facts / real authors: TOFU normalises over the options, base = answer
-            metrics[f"{name}_prob"] = tofu.normalised_probability(nll[answers[name]], wrong)
-            base = nll[answers[name]]
-        ratios[name] = tofu.truth_ratios(base, wrong)
-        aggregate = tofu.forget_truth_ratio if name == "forget" else tofu.utility_truth_ratio
-        metrics[f"{name}_truth_ratio"] = aggregate(ratios[name])
-        recall, f1 = tofu.rouge_l(generated[name], [i.answer for i in items])
-        metrics[f"{name}_rouge"] = sum(recall) / len(recall)
-        if name == "forget":
-            metrics["knowmem"] = sum(f1) / len(f1)
-        elif name == "retain":
-            metrics["retain_knowmem"] = sum(f1) / len(f1)
-    utility_sets = [name for name in sets if name != "forget"]
-    metrics["model_utility"] = tofu.model_utility(
-        [
-            metrics[f"{name}_{kind}"]
-            for name in utility_sets
-            for kind in ("prob", "rouge", "truth_ratio")
-        ]
-    )
-    _, verb_f1 = tofu.rouge_l(continuations, verb_targets)
-    metrics["verbmem"] = sum(verb_f1) / len(verb_f1)
-    forget_mink = muse.min_k_scores(token_nll[answers["forget"]], min_k)
-    holdout_mink = muse.min_k_scores(token_nll[holdout], min_k)
-    metrics["mink_auc"] = muse.mia_auc(forget_mink, holdout_mink)
-
+    forget_mink, holdout_mink = scores.min_k_scores()
     report = EvalReport(
-        metrics=metrics,
-        forget_truth_ratios=ratios["forget"].tolist(),
+        metrics=compute_metrics(scores),
+        forget_truth_ratios=scores.sets["forget"].truth_ratios,
         forget_mink=forget_mink,
         holdout_mink=holdout_mink,
         settings={
             "forget_split": data.forget_split,
             "n_items": {
-                **{name: len(items) for name, items in sets.items()},
+                **{name: len(s.answers) for name, s in scores.sets.items()},
                 "holdout": len(data.holdout),
             },
             "max_new_tokens": max_new_tokens,
@@ -253,3 +182,65 @@ def evaluate(
         },
     )
     return report if retain_reference is None else report.against(retain_reference)
+
+
+def score(
+    model: nn.Module,
+    tokenizer: Any,
+    data: EvalData,
+    *,
+    prompting: Prompting,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+    min_k: float,
+) -> Scores:
+    """One batched NLL pass over every scored answer and one batched generation pass over
+    every question and forget prefix."""
+    sets = {"forget": data.forget, "retain": data.retain, "wf": data.world_facts}
+    if data.real_authors is not None:
+        sets["ra"] = data.real_authors
+    pairs = _Pairs()
+    answers = {name: pairs.add([(i.question, i.answer) for i in s]) for name, s in sets.items()}
+    paraphrases = {
+        name: pairs.add([(i.question, i.paraphrased_answer) for i in sets[name]])
+        for name in ("forget", "retain")
+    }
+    perturbed = {name: pairs.add_perturbed(items) for name, items in sets.items()}
+    holdout = pairs.add([(i.question, i.answer) for i in data.holdout])
+    tokens = prompting.tokenize(tokenizer, pairs.pairs)
+    token_nll = response_nll(model, tokens, batch_size=batch_size, progress=progress)
+    nll = mean_nll(token_nll)
+
+    rows = range(len(nll))
+    prompts = prompt_tokens(tokens)
+    questions = [prompts[k] for name in sets for k in rows[answers[name]]]
+    eos = prompting.eos_token_id
+    prefixes, rests = verbatim_prefixes(tokens.select(rows[answers["forget"]]), eos)
+    texts = greedy_continuations(
+        model,
+        tokenizer,
+        questions + prefixes,
+        eos_token_id=eos,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    per_set, start = {}, 0
+    for name, items in sets.items():
+        base = paraphrases.get(name, answers[name])
+        per_set[name] = SetScores(
+            answer_nll=token_nll[answers[name]],
+            base_nll=nll[base],
+            perturbed_nll=[nll[s] for s in perturbed[name]],
+            generated=texts[start : start + len(items)],
+            answers=[i.answer for i in items],
+        )
+        start += len(items)
+    return Scores(
+        sets=per_set,
+        holdout_nll=token_nll[holdout],
+        continuations=texts[start:],
+        continuation_targets=[decode(tokenizer, rest) for rest in rests],
+        min_k=min_k,
+    )
