@@ -84,3 +84,19 @@ def test_prompting_tokenises_as_training_and_splits_verbatim_prefixes():
     assert rests == [[9, 10, 11], [13]]
     with pytest.raises(ValueError, match="chat template"):
         Prompting.of(model, tokenizer, chat_template=True).tokenize(tokenizer, pairs)
+
+
+def test_prompting_renders_the_chat_template_and_refuses_missing_specials():
+    tokenizer = hf_word_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}w90 {{ m['content'] }} w91{% endfor %}"
+    model = tiny_llama(0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    data = Prompting.of(model, tokenizer, chat_template=True).tokenize(tokenizer, [("w1", "w2")])
+    # the template supplies any BOS: none is added; EOS still ends the answer
+    assert data.input_ids[0].tolist() == [94, 5, 95, 6, 2]
+    assert data.prompt_lengths.tolist() == [3]
+    bare = hf_word_tokenizer()
+    bare.bos_token = None
+    nobos = tiny_llama(0, bos_token_id=None, eos_token_id=2)
+    with pytest.raises(ValueError, match="add_bos"):
+        Prompting.of(nobos, bare)
+    assert Prompting.of(nobos, bare, add_bos=False).bos_token_id is None
