@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -104,6 +105,49 @@ def test_eval_hook_sees_every_interval_without_touching_the_rng(world, tmp_path)
     run(config_for(world, "graddiff", tmp_path / "b", train=train, adapter=adapter))
     ta, tb = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def naive_answer_probability(model, data, n: int) -> float:
+    """``mean_i exp(−mean_t ℓ_t)`` over ``data``'s first ``n`` responses, from float64 logits."""
+    probs = []
+    with torch.no_grad():
+        for i in range(n):
+            ids = data.input_ids[i][data.attention_mask[i].bool()]
+            logits = model(ids[None]).logits[0].double()
+            logp = logits.log_softmax(-1)[:-1].gather(1, ids[1:, None])[:, 0]
+            start = int(data.prompt_lengths[i])
+            probs.append(math.exp(logp[start - 1 :].mean().item()))
+    return sum(probs) / n
+
+
+def test_built_in_probe_logs_answer_probabilities(world, tmp_path):
+    """Without ``on_eval``, ``eval_every`` logs the forget/retain answer probability of the
+    run's first ``eval_examples`` examples, equal to a float64 oracle; ascent lowers it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from unlearn_kernels.data.unlearn import read_split
+
+    out = tmp_path / "run"
+    train = {"steps": 4, "lr": 1e-2, "eval_every": 2, "eval_examples": 5}
+    metrics = run(config_for(world, "graddiff", out, train=train), progress=False).metrics
+    assert [sorted(k for k in m if k.startswith("eval/")) for m in metrics[::2]] == [
+        ["eval/forget_prob", "eval/retain_prob"]
+    ] * 3
+    tokenizer = AutoTokenizer.from_pretrained(world["model"])
+    options = {"bos_token_id": 1, "eos_token_id": 2, "max_length": 512}
+    sets = {
+        name: read_split(world["data"][name], tokenizer, **options) for name in ("forget", "retain")
+    }
+    base = AutoModelForCausalLM.from_pretrained(world["model"]).eval()
+    tuned = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(world["model"]), out / "adapter"
+    ).eval()
+    for step, model in ((0, base), (-1, tuned)):
+        for name, data in sets.items():
+            expected = naive_answer_probability(model, data, 5)
+            assert metrics[step][f"eval/{name}_prob"] == pytest.approx(expected, rel=1e-5)
+    assert metrics[-1]["eval/forget_prob"] < 0.95 * metrics[0]["eval/forget_prob"]
 
 
 # ---- resume after kill -9 ---------------------------------------------------------------

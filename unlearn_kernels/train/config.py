@@ -70,7 +70,12 @@ class TrainConfig(Section):
     shuffle: bool = Field(True, description="shuffle each pass over a set")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0: none)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the newest)")
-    eval_every: int = Field(0, ge=0, description="steps between evaluations (0: none)")
+    eval_every: int = Field(
+        0, ge=0, description="steps between answer-probability probes (0: none)"
+    )
+    eval_examples: int = Field(
+        32, ge=1, description="examples of each set the built-in probe scores"
+    )
     loss: Literal["fused", "unfused"] = Field(
         "fused", description="fused ops, or the model's own logits and labels= loss (to compare)"
     )

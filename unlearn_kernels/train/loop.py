@@ -40,6 +40,9 @@ from tqdm.auto import tqdm
 
 from unlearn_kernels._io import write_dir_atomically, write_text_atomically
 from unlearn_kernels._memory import peak_bytes, reset_peak
+from unlearn_kernels.data.formats import TokenizedPairs
+from unlearn_kernels.eval.scoring import mean_nll, response_nll
+from unlearn_kernels.eval.tofu import probability
 from unlearn_kernels.hf import frozen_forward
 from unlearn_kernels.train import distributed
 from unlearn_kernels.train.checkpoints import (
@@ -61,7 +64,31 @@ MERGED_DIR = "merged"
 
 #: ``on_eval(step, model) -> {name: value}``: called every ``train.eval_every`` steps (and at
 #: step 0) with dropout off and gradients disabled; values are logged as ``eval/<name>``.
+#: Without one, :class:`AnswerProbe` on the run's own sets is used.
 EvalHook = Callable[[int, nn.Module], dict[str, float]]
+
+
+class AnswerProbe:
+    """The built-in ``on_eval``: ``forget_prob`` and ``retain_prob``, each
+    ``mean_i exp(−ℓ̄_i)`` (TOFU's length-normalised answer probability,
+    :func:`unlearn_kernels.eval.tofu.probability`) over the first ``examples`` examples of the
+    run's forget and retain sets, scored by the fused per-token cross-entropy."""
+
+    def __init__(
+        self, forget: TokenizedPairs, retain: TokenizedPairs | None, examples: int
+    ) -> None:
+        sets = {"forget_prob": forget, "retain_prob": retain}
+        self.sets = {
+            name: data.select(range(min(examples, len(data))))
+            for name, data in sets.items()
+            if data is not None
+        }
+
+    def __call__(self, step: int, model: nn.Module) -> dict[str, float]:
+        return {
+            name: probability(mean_nll(response_nll(model, data)))
+            for name, data in self.sets.items()
+        }
 
 
 @dataclass
@@ -205,6 +232,9 @@ class UnlearningRun:
             backend=self.config.train.backend,
         )
         self.trainable = self.steps.trainable
+        if self.on_eval is None and self.config.train.eval_every:
+            examples = self.config.train.eval_examples
+            self.on_eval = AnswerProbe(self.data.forget, self.data.retain, examples)
 
     def step(self, step: int) -> dict[str, Any]:
         """Optimizer step ``step`` (0-based) on its micro-batches; returns the logged values."""
