@@ -50,8 +50,11 @@ def test_every_method_runs_and_writes_its_outputs(world, tmp_path, method):
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     terms = {"ga": ["forget_nll"], "ngdiff": ["forget_nll", "retain_nll", "cosine"]}
+    # after its first probe GeN may move NGDiff's rate to s·η + (1 − s)·r^±1·η (s = 0.9, r = 2)
+    low, high = (0.95e-4, 1.1e-4) if method == "ngdiff" else (1e-4, 1e-4)
+    assert metrics[0]["lr"] == pytest.approx(1e-4)
+    assert all(low * (1 - 1e-9) <= m["lr"] <= high * (1 + 1e-9) for m in metrics)
     for m in metrics:
-        assert m["lr"] == pytest.approx(1e-4)
         for name in terms.get(method, ["loss"]):
             assert isinstance(m[name], float) and m[name] == m[name], (name, m)
     assert summary.adapter_dir == out / "adapter"
@@ -82,7 +85,8 @@ def test_grad_accum_is_one_large_batch(world, tmp_path):
             assert x[key] == pytest.approx(y[key], rel=1e-5)
     ta, tb = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
     for name in ta:
-        torch.testing.assert_close(ta[name], tb[name], rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order, through two Adam steps (g/√v amplifies tiny differences)
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-3, atol=1e-6)
 
 
 def test_eval_hook_sees_every_interval_without_touching_the_rng(world, tmp_path):
