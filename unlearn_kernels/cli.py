@@ -1,4 +1,4 @@
-"""The ``unlearn-kernels`` command.
+"""The ``unlearn-kernels`` command (also ``python -m unlearn_kernels``).
 
 ``unlearn-kernels run --config FILE.yaml [--set key=value ...] [--resume]`` unlearns: it trains
 an adapter with one of :mod:`unlearn_kernels.methods` as the run config says (see
@@ -19,13 +19,18 @@ LM (optionally with a PEFT adapter) on TOFU-format data with TOFU's and MUSE's m
 
 Models and tokenizers are read from local paths only. Every flag is checked before anything is
 loaded or written.
+
+Every subcommand takes ``-v``/``-q`` (more or less logging on stderr, through :mod:`logging`)
+and ``--no-progress``; a bad flag exits with status 2 naming it, a missing optional dependency
+with status 1 and one line naming the extra to install. A new subcommand is a function
+``_add_<name>(commands)`` that calls :func:`add_command` and is listed in ``_SUBCOMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
+import logging
 import math
 import sys
 import time
@@ -35,12 +40,25 @@ from typing import Any
 
 import torch
 
+from unlearn_kernels import __version__
+from unlearn_kernels._deps import MissingDependencyError, require
+
+log = logging.getLogger("unlearn_kernels")
+
 _MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Placement strategies of accelerate's ``device_map`` (a device name is accepted too).
 _DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-#: Default of --bos-id / --eos-id: the tokenizer's own.
-_TOKENIZER_DEFAULT = object()
+
+
+class _TokenizerDefault:
+    """Default of --bos-id / --eos-id: the tokenizer's own (shown so in ``--help``)."""
+
+    def __str__(self) -> str:
+        return "the tokenizer's"
+
+
+_TOKENIZER_DEFAULT = _TokenizerDefault()
 
 
 # ---- flag types: argparse names the flag in its error ------------------------------------
@@ -104,14 +122,20 @@ def _device(text: str) -> torch.device:
 # ---- checks that need several flags or the file system -----------------------------------
 
 
-def _model_vocab_size(model_dir: Path) -> int | None:
-    """``vocab_size`` from the model's ``config.json`` (no weights read), if it states one."""
+def _model_size(model_dir: Path, key: str) -> int | None:
+    """``key`` (``vocab_size``, ``hidden_size``) from the model's ``config.json`` (no weights
+    read), if it states one."""
     try:
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"--model {str(model_dir)!r}: config.json unreadable ({err})") from err
-    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
-    return vocab if isinstance(vocab, int) else None
+    value = config.get(key, (config.get("text_config") or {}).get(key))
+    return value if isinstance(value, int) else None
+
+
+def _shard_bytes(args: argparse.Namespace) -> int:
+    """``--shard-mib`` in bytes."""
+    return round(args.shard_mib * 2**20)
 
 
 def _has_tokenizer(directory: Path) -> bool:
@@ -120,10 +144,11 @@ def _has_tokenizer(directory: Path) -> bool:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without loading the model or the tokenizer."""
+    require("transformers", "safetensors", "tqdm", "pydantic", purpose="unlearn-kernels cache")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {args.model!r} is not a local model directory (no config.json)")
-    vocab = _model_vocab_size(model_dir)
+    vocab = _model_size(model_dir, "vocab_size")
     if vocab is not None and args.topk > vocab:
         raise ValueError(f"--topk {args.topk} exceeds the model's vocabulary size {vocab}")
     data = Path(args.data)
@@ -145,7 +170,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--out {str(out)!r} already holds a reference cache: pass --overwrite to replace it"
         )
-    if int(args.shard_mib * 2**20) < 1:
+    if _shard_bytes(args) < 1:
         raise ValueError(f"--shard-mib {args.shard_mib} is below one byte")
     _check_model_flags(args)
 
@@ -155,14 +180,13 @@ def _check_model_flags(args: argparse.Namespace) -> None:
     if args.device_map is not None:
         if args.device is not None:
             raise ValueError("pass --device or --device-map, not both")
-        if importlib.util.find_spec("accelerate") is None:
-            raise ValueError("--device-map needs accelerate: pip install 'unlearn-kernels[hf]'")
+        require("accelerate", purpose="--device-map")
         if args.device_map not in _DEVICE_MAP_STRATEGIES:
             _device_available("--device-map", _device(args.device_map))
     if args.device is not None:
         _device_available("--device", args.device)
-    if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError("--load-in-4bit needs bitsandbytes: pip install 'unlearn-kernels[qlora]'")
+    if args.load_in_4bit:
+        require("bitsandbytes", purpose="--load-in-4bit")
 
 
 def _device_available(flag: str, device: torch.device) -> None:
@@ -189,7 +213,10 @@ def _load_model(args: argparse.Namespace) -> torch.nn.Module:
         kwargs["device_map"] = args.device_map
     elif args.device is not None and args.device.type != "cpu":
         kwargs["device_map"] = {"": str(args.device)}
-    return AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(args.model, **kwargs)
+    except OSError as err:  # missing or unreadable weight files
+        raise ValueError(f"--model {args.model!r}: {err}") from err
 
 
 def _special_ids(tokenizer: Any, model_dir: Path) -> tuple[int | None, int | None]:
@@ -206,7 +233,11 @@ def _cache(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     _check_args(args)
     from unlearn_kernels.data.formats import load_pairs, load_tokenizer
-    from unlearn_kernels.train.reference_cache import CacheSettings, build_reference_cache
+    from unlearn_kernels.train.reference_cache import (
+        CacheSettings,
+        build_reference_cache,
+        example_record_bytes,
+    )
 
     settings = CacheSettings(
         topk=args.topk,
@@ -227,6 +258,17 @@ def _cache(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise ValueError(f"--data {args.data}: {err}") from err
+    log.info("%d examples from %s (BOS %s, EOS %s)", len(data), args.data, bos, eos)
+    hidden_size = _model_size(model_dir, "hidden_size")
+    if hidden_size is not None:
+        rows = int((data.labels() != -100).sum(1).max())
+        largest = example_record_bytes(rows, hidden_size, settings)
+        if largest > _shard_bytes(args):
+            raise ValueError(
+                f"--shard-mib {args.shard_mib} is below the largest example's record "
+                f"({largest} bytes = {largest / 2**20:.3g} MiB): raise it"
+            )
+    log.info("loading the reference model %s", args.model)
     model = _load_model(args)
     manifest = build_reference_cache(
         model,
@@ -235,11 +277,20 @@ def _cache(args: argparse.Namespace) -> int:
         settings,
         tokenizer=tokenizer,
         batch_size=args.batch_size,
-        max_shard_bytes=int(args.shard_mib * 2**20),
+        max_shard_bytes=_shard_bytes(args),
         chunk_size=args.chunk_size,
         full_weight_hash=not args.sample_weight_hash,
         overwrite=args.overwrite,
-        progress=sys.stderr.isatty(),
+        progress=show_progress(args),
+    )
+    seconds = round(time.perf_counter() - started, 3)
+    log.info(
+        "wrote %s: %d rows in %d shards (%.1f s, %.1f s building)",
+        args.out,
+        manifest["n_rows"],
+        len(manifest["shards"]),
+        seconds,
+        manifest["build_seconds"],
     )
     summary = {
         "path": str(args.out),
@@ -249,7 +300,7 @@ def _cache(args: argparse.Namespace) -> int:
         "bos_token_id": bos,
         "eos_token_id": eos,
         "build_seconds": manifest["build_seconds"],
-        "seconds": round(time.perf_counter() - started, 3),
+        "seconds": seconds,
     }
     print(json.dumps(summary))
     return 0
@@ -258,6 +309,7 @@ def _cache(args: argparse.Namespace) -> int:
 def _check_eval_args(args: argparse.Namespace) -> tuple[Any, Any]:
     """Every ``eval`` flag, without loading the model: returns the data and the retain-only
     model's report (or ``None``)."""
+    require("transformers", "scipy", "rouge_score", purpose="unlearn-kernels eval")
     from unlearn_kernels.eval import EvalReport, read_tofu
 
     model_dir = Path(args.model)
@@ -273,8 +325,7 @@ def _check_eval_args(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.adapter is not None:
         if not (Path(args.adapter) / "adapter_config.json").is_file():
             raise ValueError(f"--adapter {args.adapter!r} is not a PEFT adapter directory")
-        if importlib.util.find_spec("peft") is None:
-            raise ValueError("--adapter needs peft: pip install 'unlearn-kernels[hf]'")
+        require("peft", purpose="--adapter")
     if args.out is not None:
         if args.out.is_dir():
             raise ValueError(f"--out {str(args.out)!r} is a directory; name the JSON file")
@@ -331,7 +382,7 @@ def _eval(args: argparse.Namespace) -> int:
         retain_reference=reference,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=show_progress(args),
         add_bos=not args.no_bos,
         add_eos=not args.no_eos,
         chat_template=args.chat_template,
@@ -344,16 +395,26 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    require("pydantic", "yaml", purpose="unlearn-kernels run")
     from unlearn_kernels.train.config import default_config_yaml, load_config
-    from unlearn_kernels.train.loop import run
 
     if args.print_config is not None:
+        from unlearn_kernels.methods import METHODS
+
+        if args.print_config not in METHODS:
+            raise ValueError(
+                f"--print-config must be one of {', '.join(sorted(METHODS))}, "
+                f"got {args.print_config!r}"
+            )
         print(default_config_yaml(args.print_config), end="")
         return 0
     if args.config is None and not args.overrides:
         raise ValueError("--config FILE.yaml is needed (or --print-config METHOD to write one)")
     config = load_config(args.config, args.overrides)
-    summary = run(config, resume=args.resume, progress=not args.no_progress)
+    require("transformers", "safetensors", "tqdm", purpose="unlearn-kernels run")
+    from unlearn_kernels.train.loop import run
+
+    summary = run(config, resume=args.resume, progress=show_progress(args))
     report = {
         "output_dir": str(summary.output_dir),
         "adapter": str(summary.adapter_dir),
@@ -366,10 +427,81 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the parser ----------------------------------------------------------------------------
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default (unless it has none or the text states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        shown = action.default not in (None, False, [], argparse.SUPPRESS)
+        if shown and action.option_strings and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes (after its name): logging and progress bars."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("output")
+    group.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="more log messages on stderr (-vv: debug)",
+    )
+    group.add_argument(
+        "-q",
+        "--quiet",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="warnings and errors only, no progress bars (-qq: errors only)",
+    )
+    group.add_argument(
+        "--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars"
+    )
+    return common
+
+
+def add_command(
+    commands: argparse._SubParsersAction, name: str, *, help: str, description: str
+) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared options and help formatter."""
+    return commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        parents=[_common_options()],
+        formatter_class=HelpFormatter,
+    )
+
+
+def log_level(args: argparse.Namespace) -> int:
+    """``INFO`` by default, ``DEBUG`` with ``-v``, ``WARNING`` with ``-q``, ``ERROR`` with
+    ``-qq``."""
+    steps = getattr(args, "verbose", 0) - getattr(args, "quiet", 0)
+    return min(max(logging.INFO - 10 * steps, logging.DEBUG), logging.ERROR)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr: on a terminal, unless ``--no-progress`` or ``-q``."""
+    quiet = getattr(args, "no_progress", False) or log_level(args) > logging.INFO
+    return not quiet and sys.stderr.isatty()
+
+
 def _add_model_flags(parser: argparse.ArgumentParser, what: str) -> None:
     """The flags :func:`_load_model` reads: dtype, nf4, device or device map."""
-    parser.add_argument("--model-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
-    parser.add_argument("--load-in-4bit", action="store_true", help=f"bitsandbytes nf4 {what}")
+    parser.add_argument(
+        "--model-dtype",
+        choices=sorted(_MODEL_DTYPES),
+        default="float32",
+        help=f"dtype the {what} is loaded in",
+    )
+    parser.add_argument(
+        "--load-in-4bit", action="store_true", help=f"load the {what} as bitsandbytes nf4"
+    )
     parser.add_argument(
         "--device", type=_device, help=f"device of the {what}, e.g. cuda:0 (default: cpu)"
     )
@@ -379,33 +511,53 @@ def _add_model_flags(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``unlearn-kernels`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="unlearn-kernels", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+class _StderrHandler(logging.StreamHandler):
+    """Log records of ``unlearn_kernels.*`` to whatever ``sys.stderr`` is when they are
+    emitted."""
 
-    cache = commands.add_parser(
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always the current sys.stderr
+
+
+def _add_cache(commands: argparse._SubParsersAction) -> None:
+    cache = add_command(
+        commands,
         "cache",
         help="build a reference cache",
-        description="Run the frozen reference once over a data set and write a reference cache.",
+        description=(
+            "Run the frozen reference model once over a data set and write a reference cache: "
+            "per response token its top-k log-probs, tail log-mass, label log-prob and final "
+            "hidden states, for the KL and NPO terms of unlearning. Every flag is checked "
+            "before the model is loaded. See docs/cache.md."
+        ),
     )
     cache.add_argument("--model", required=True, help="local transformers model directory")
-    cache.add_argument("--data", required=True, help=".jsonl (prompt/response) or .safetensors")
+    cache.add_argument(
+        "--data",
+        required=True,
+        help=".jsonl of prompt/response lines, or a pre-tokenised .safetensors file",
+    )
     cache.add_argument("--out", required=True, type=Path, help="cache directory to write")
     cache.add_argument(
-        "--tokenizer", help="tokenizer.json or a tokenizer directory (default: --model's)"
+        "--tokenizer",
+        help="tokenizer.json or a tokenizer directory (default: the --model directory's)",
     )
     cache.add_argument(
         "--bos-id",
         type=_token_id,
         default=_TOKENIZER_DEFAULT,
-        help="token id put before each prompt, or 'none' (default: the tokenizer's BOS)",
+        help="token id put before each prompt, or 'none'",
     )
     cache.add_argument(
         "--eos-id",
         type=_token_id,
         default=_TOKENIZER_DEFAULT,
-        help="token id put after each response, or 'none' (default: the tokenizer's EOS)",
+        help="token id put after each response, or 'none'",
     )
     cache.add_argument(
         "--max-length", type=_int_at_least(2), help="cut sequences to this many tokens"
@@ -420,7 +572,12 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument(
         "--no-label-logprob", action="store_true", help="do not store label log-probs"
     )
-    cache.add_argument("--hidden-dtype", choices=sorted(_MODEL_DTYPES), default="float32")
+    cache.add_argument(
+        "--hidden-dtype",
+        choices=sorted(_MODEL_DTYPES),
+        default="float32",
+        help="dtype of the stored hidden states",
+    )
     _add_model_flags(cache, "reference model")
     cache.add_argument(
         "--batch-size", type=_int_at_least(1), default=8, help="examples per forward pass"
@@ -429,20 +586,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard-mib", type=_positive_float, default=256.0, help="max tensor MiB per shard"
     )
     cache.add_argument(
-        "--chunk-size", type=_int_at_least(1), help="rows of reference logits at once"
+        "--chunk-size",
+        type=_int_at_least(1),
+        help="rows of reference logits formed at once (default: a 256 MiB budget)",
     )
     cache.add_argument(
-        "--sample-weight-hash", action="store_true", help="fingerprint a sample of each weight"
+        "--sample-weight-hash",
+        action="store_true",
+        help="fingerprint a sample of each weight instead of every byte (faster on big models)",
     )
     cache.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     cache.set_defaults(func=_cache)
 
-    from unlearn_kernels.methods import METHODS
 
-    run = commands.add_parser(
+def _add_run(commands: argparse._SubParsersAction) -> None:
+    run = add_command(
+        commands,
         "run",
         help="unlearn: train an adapter as a run config says",
-        description="Train an adapter that forgets the forget set (a YAML run config).",
+        description=(
+            "Train an adapter (LoRA, QLoRA or full fine-tuning) that forgets the forget set, as "
+            "a YAML run config says. See docs/methods.md."
+        ),
     )
     run.add_argument("--config", help="YAML run config (see --print-config)")
     run.add_argument(
@@ -459,17 +624,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--print-config",
         metavar="METHOD",
-        choices=sorted(METHODS),
-        help=f"print a commented default config for METHOD ({', '.join(sorted(METHODS))})",
+        help="print a commented default config for METHOD, e.g. ngdiff (a wrong one lists them)",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.set_defaults(func=_run)
 
-    evaluation = commands.add_parser(
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluation = add_command(
+        commands,
         "eval",
         help="score a model with TOFU's and MUSE's metrics",
-        description="Evaluate a local causal LM on TOFU-format data (forget quality, model "
-        "utility, answer probability, ROUGE, truth ratio, MUSE memorisation and privacy leakage).",
+        description=(
+            "Evaluate a local causal LM on TOFU-format data (forget quality, model utility, "
+            "answer probability, ROUGE, truth ratio, MUSE memorisation and privacy leakage). "
+            "See docs/evaluation.md."
+        ),
     )
     evaluation.add_argument("--model", required=True, help="local transformers model directory")
     evaluation.add_argument("--adapter", help="PEFT adapter directory to apply to --model")
@@ -478,7 +647,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--forget-split",
         type=_forget_split,
         default="forget10",
-        help="forget01, forget05, forget10, ... (default forget10)",
+        help="forget01, forget05, forget10, ...",
     )
     evaluation.add_argument(
         "--retain-report",
@@ -498,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="greedy tokens per answer / continuation",
     )
     evaluation.add_argument(
-        "--min-k", type=_fraction, default=0.4, help="Min-K%% fraction of tokens (default 0.4)"
+        "--min-k", type=_fraction, default=0.4, help="Min-K%% fraction of tokens"
     )
     evaluation.add_argument(
         "--no-bos", action="store_true", help="no BOS before prompts (training's data.add_bos)"
@@ -510,8 +679,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", action="store_true", help="render questions with the chat template"
     )
     _add_model_flags(evaluation, "model")
-    evaluation.add_argument("--no-progress", action="store_true", help="no progress bars")
     evaluation.set_defaults(func=_eval)
+
+
+#: Subcommands in the order ``--help`` lists them.
+_SUBCOMMANDS = (_add_run, _add_cache, _add_eval)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``unlearn-kernels`` and its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="unlearn-kernels",
+        description=(
+            "Fused loss kernels for LLM unlearning: train an unlearning adapter (run), build "
+            "the reference cache its KL and NPO terms read (cache), and score a model with "
+            "TOFU's and MUSE's metrics (eval)."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _SUBCOMMANDS:
+        add(commands)
     return parser
 
 
@@ -519,11 +708,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unlearn-kernels`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(log_level(args))
+    log.debug("arguments: %s", {k: v for k, v in vars(args).items() if k != "func"})
     try:
         return args.func(args)
+    except MissingDependencyError as err:
+        print(f"unlearn-kernels {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except ValueError as err:
         print(f"unlearn-kernels {args.command}: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

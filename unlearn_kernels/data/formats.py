@@ -32,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from unlearn_kernels._deps import require
+
 _TENSOR_NAMES = ("input_ids", "attention_mask", "prompt_lengths")
 
 
@@ -319,10 +321,12 @@ def load_tokenizer(path: str | Path) -> Any:
     tokenizer directory (``AutoTokenizer``, local files only)."""
     path = Path(path)
     if path.is_file():
+        require("tokenizers", purpose=f"the tokenizer file {path.name}")
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(path))
     if path.is_dir():
+        require("transformers", purpose="a tokenizer directory")
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

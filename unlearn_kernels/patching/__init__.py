@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from unlearn_kernels._deps import require
 from unlearn_kernels.hf import output_head, unwrap_model
 from unlearn_kernels.patching.families import FAMILIES, Family, family_of
 from unlearn_kernels.patching.forward import make_forward
@@ -55,6 +56,7 @@ class PatchHandle:
 def _class_for(target: str | type) -> tuple[type, Family]:
     if isinstance(target, str):
         family = family_of(target, f"patch({target!r})")
+        require("transformers", purpose=f"patch({target!r})")
         import transformers
 
         return getattr(transformers, family.causal_lm), family

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from unlearn_kernels._deps import require
 from unlearn_kernels.data.formats import load_tokenizer
 from unlearn_kernels.train.config import AdapterConfig, RunConfig, TrainConfig
 
@@ -29,6 +30,7 @@ def special_token_ids(tokenizer: Any, model_config: Any) -> tuple[int | None, in
     if bos is None or eos is None:
         config = model_config
         if isinstance(config, str | Path):
+            require("transformers", purpose="reading the model config")
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(config, local_files_only=True)
@@ -45,6 +47,9 @@ def load_run_tokenizer(config: RunConfig) -> Any:
 
 def load_base_model(config: RunConfig, device: torch.device) -> nn.Module:
     """The base causal LM in train mode (dropout on; bitsandbytes layers keep training=True)."""
+    require("transformers", purpose="loading the model")
+    if config.adapter.kind == "qlora":
+        require("bitsandbytes", purpose="adapter.kind: qlora")
     from transformers import AutoModelForCausalLM
 
     dtype = DTYPES[config.train.dtype]
@@ -70,6 +75,7 @@ def attach_adapter(model: nn.Module, adapter: AdapterConfig) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    require("peft", purpose=f"adapter.kind: {adapter.kind}")
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
@@ -87,6 +93,7 @@ def build_optimizer(params: list[torch.Tensor], train: TrainConfig) -> torch.opt
     options = {"lr": train.lr, "weight_decay": train.weight_decay}
     if train.optimizer == "adamw":
         return torch.optim.AdamW(params, **options)
+    require("bitsandbytes", purpose=f"train.optimizer: {train.optimizer}")
     import bitsandbytes as bnb
 
     cls = bnb.optim.AdamW8bit if train.optimizer == "adamw8bit" else bnb.optim.PagedAdamW8bit
