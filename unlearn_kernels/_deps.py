@@ -15,9 +15,9 @@ import re
 
 #: import name → (distribution, extra, oldest version the package's code works with).
 OPTIONAL: dict[str, tuple[str, str, str]] = {
-    "transformers": ("transformers", "hf", "4.56"),
+    "transformers": ("transformers", "hf", "4.57"),
     "peft": ("peft", "hf", "0.12"),
-    "accelerate": ("accelerate", "hf", "0.34"),
+    "accelerate": ("accelerate", "hf", "1.3"),
     "tokenizers": ("tokenizers", "hf", "0.20"),
     "bitsandbytes": ("bitsandbytes", "qlora", "0.46.1"),
     "safetensors": ("safetensors", "train", "0.4"),
