@@ -1,4 +1,4 @@
-"""Float64 oracles (DESIGN.md §5) and the helpers every kernel test shares."""
+"""Float64 oracles (docs/design.md §5) and the helpers every kernel test shares."""
 
 from __future__ import annotations
 

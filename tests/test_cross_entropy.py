@@ -1,4 +1,4 @@
-"""fused_linear_cross_entropy against the float64 oracle, on every backend (DESIGN.md §5)."""
+"""fused_linear_cross_entropy against the float64 oracle, on every backend (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """fused_linear_kl and fused_linear_kl_topk against float64 oracles, on every backend
-(DESIGN.md §5)."""
+(docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NGDiff combine against the float64 formula, on every backend (DESIGN.md §2, §5)."""
+"""NGDiff combine against the float64 formula, on every backend (docs/design.md §2, §5)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ OPTIONAL: dict[str, tuple[str, str, str]] = {
     "transformers": ("transformers", "hf", "4.57"),
     "peft": ("peft", "hf", "0.12"),
     "accelerate": ("accelerate", "hf", "1.3"),
-    "tokenizers": ("tokenizers", "hf", "0.20"),
+    "tokenizers": ("tokenizers", "hf", "0.22"),
     "bitsandbytes": ("bitsandbytes", "qlora", "0.46.1"),
     "safetensors": ("safetensors", "train", "0.4"),
     "pydantic": ("pydantic", "train", "2.6"),

@@ -1,5 +1,5 @@
 """Each method's loss terms and LoRA gradients against the same objective written naively on
-materialised logits in float64 (DESIGN §8), on every backend.
+materialised logits in float64 (docs/methods.md), on every backend.
 
 The fused side runs the fp32 model through ``Method.terms`` over two micro-batches (so the
 step-total normalisation is exercised) with the reference read from a real cache; the oracle
@@ -59,7 +59,7 @@ def token_nll(model, batch: TokenBatch) -> torch.Tensor:
 
 def token_kl(model, batch: TokenBatch, kind: str) -> torch.Tensor:
     """Per response row ``KL(p_ref ‖ p_θ)``; the reference is the model without adapters.
-    ``kind="topk"``: DESIGN §2's compressed KL over the reference's top-k and its tail."""
+    ``kind="topk"``: docs/design.md §2's compressed KL over the reference's top-k and its tail."""
     valid = batch.labels != -100
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with model.disable_adapter(), torch.no_grad():

@@ -16,9 +16,9 @@ from unlearn_kernels.train.ngdiff import GeN
 
 class NGDiffParams(MethodParams):
     name: Literal["ngdiff"] = "ngdiff"
-    gen: bool = Field(True, description="adapt the learning rate with GeN (DESIGN §1)")
+    gen: bool = Field(True, description="adapt the learning rate with GeN (docs/design.md §1)")
     # Probing every 4 steps: the GeN authors' advice (lazy_freq >= 4, gen-optim README); the
-    # smoothing 0.9 and the clip to [η/2, 2η] are DESIGN §1's.
+    # smoothing 0.9 and the clip to [η/2, 2η] are docs/design.md §1's.
     gen_every: int = Field(4, ge=1, description="optimizer steps between GeN probes")
     gen_smoothing: float = Field(0.9, ge=0, lt=1, description="η ← s·η + (1 − s)·clip(η*)")
     gen_max_ratio: float = Field(2.0, ge=1, description="clip η* to [η/r, r·η]")

@@ -1,4 +1,4 @@
-"""NGDiff combine (DESIGN.md §2): the normalised gradient difference of two task gradients.
+"""NGDiff combine (docs/design.md §2): the normalised gradient difference of two task gradients.
 
 Over lists of gradient tensors ``F_j`` (forget) and ``R_j`` (retain)::
 

@@ -1,4 +1,4 @@
-"""The run config (DESIGN §8) as a typed schema: YAML in, validated before anything loads.
+"""The run config (docs/methods.md) as a typed schema: YAML in, validated before anything loads.
 
 Every section rejects unknown keys; a wrong type, an out-of-range value or an inconsistent
 combination is a ``ValueError`` naming the key path (``train.lr: ...``). The ``method:`` section

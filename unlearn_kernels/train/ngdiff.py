@@ -1,4 +1,4 @@
-"""The NGDiff step (DESIGN.md §1): task-gradient buffers, the normalised combine and the GeN
+"""The NGDiff step (docs/design.md §1): task-gradient buffers, the normalised combine and the GeN
 learning rate, around any ``torch.optim`` optimizer.
 
 A loop over a PEFT (LoRA) model::
@@ -194,7 +194,7 @@ class TaskGradients:
 
 @dataclass(frozen=True)
 class GeN:
-    """GeN learning rate (generalised Newton, DESIGN.md §1).
+    """GeN learning rate (generalised Newton, docs/design.md §1).
 
     Every ``every`` optimizer steps, right after the step ``θ ← θ₀ − δ`` (``δ = η·u``: ``u`` is
     the optimizer's actual update per unit of learning rate), the probe loss is evaluated at
