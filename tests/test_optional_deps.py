@@ -191,10 +191,14 @@ def test_log_level_flags(local_model, capsys):
     out, err = capsys.readouterr()
     assert json.loads(out)["n_examples"] == 1
     assert "loading the reference model" in err and "wrote" in err and "INFO" in err
+    assert "DEBUG" not in err
     argv = [*local_model[:-1], local_model[-1] + "1", "--topk", "4"]
     assert main([*argv, "-q"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["n_examples"] == 1 and "INFO" not in err
+    argv = [*local_model[:-1], local_model[-1] + "2", "--topk", "4"]
+    assert main([*argv, "-v"]) == 0
+    assert "DEBUG arguments: {'command': 'cache'" in capsys.readouterr().err
     parser = build_parser()
     levels = [log_level(parser.parse_args(["run", *flags])) for flags in ([], ["-v"], ["-q"])]
     assert levels == [logging.INFO, logging.DEBUG, logging.WARNING]

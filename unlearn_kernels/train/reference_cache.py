@@ -1,5 +1,6 @@
 """Reference cache: run the frozen reference once over a data set and keep, per response token,
 what each objective needs, so training never holds a second model or reference logits.
+For users: ``docs/cache.md`` (building, opening, feeding the fused ops, the format).
 
 The reference is the model with its PEFT adapters disabled (``disable_adapter()``, no second
 copy; a plain model is its own reference). For every response row — row ``t`` of an example
