@@ -475,6 +475,28 @@ def test_cli_checks_every_flag_before_loading(tmp_path, capsys, monkeypatch, ext
     assert not (tmp_path / "deep").exists()
 
 
+def test_cli_checks_shard_size_against_the_data_before_loading(tmp_path, capsys, monkeypatch):
+    """A shard smaller than the largest example is refused before the model loads, naming
+    --shard-mib, and leaves no directory; one just large enough builds."""
+    _, model_dir, jsonl = local_llama(tmp_path, 0)
+    real = cli._load_model
+    monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("loaded"))
+    out = tmp_path / "deep" / "c"
+    argv = ["cache", "--model", str(model_dir), "--data", str(jsonl), "--out", str(out)]
+    assert run_cli([*argv, "--shard-mib", "0.0001"]) == 2
+    assert "--shard-mib 0.0001" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+    monkeypatch.setattr(cli, "_load_model", real)
+    settings = CacheSettings(topk=4)
+    tokenizer = load_tokenizer(model_dir)
+    data = load_pairs(jsonl, tokenizer, bos_token_id=1, eos_token_id=2)
+    rows = int((data.labels() != -100).sum(1).max())
+    exact = rc.example_record_bytes(rows, tiny_llama(0).config.hidden_size, settings)
+    assert main([*argv, "--topk", "4", "--shard-mib", str(exact / 2**20)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert max(s["tensor_bytes"] for s in manifest["shards"]) == exact  # the largest, alone
+
+
 def test_cli_checks_paths_before_loading(tmp_path, capsys, monkeypatch):
     _, model_dir, jsonl = local_llama(tmp_path, 0)
     monkeypatch.setattr(cli, "_load_model", lambda *a, **k: pytest.fail("loaded"))
@@ -523,6 +545,7 @@ def test_bad_arguments_leave_no_directory(tmp_path):
         {"batch_size": 0},
         {"chunk_size": 0},
         {"max_shard_bytes": 0},
+        {"max_shard_bytes": 100},  # below one example's record
         {"settings": CacheSettings(topk=VOCAB + 1)},
         {"settings": {"topk": 3}},
     ):

@@ -301,12 +301,8 @@ class _ShardWriter:
         self.shards: list[dict[str, Any]] = []
 
     def add(self, example: dict[str, Tensor]) -> None:
+        """Buffer one example (its record fits a shard: checked by the caller up front)."""
         size = sum(t.nbytes for t in example.values()) + 8
-        if 8 + size > self.max_bytes:
-            raise ValueError(
-                f"max_shard_bytes={self.max_bytes} is smaller than one example's record "
-                f"({8 + size} bytes): raise it"
-            )
         if self.pending_bytes + size > self.max_bytes:
             self.flush()
         self.pending.append(example)
@@ -336,6 +332,20 @@ class _ShardWriter:
         )
         self.next_example += len(self.pending)
         self.pending, self.pending_bytes = [], 8
+
+
+def example_record_bytes(n_rows: int, hidden_size: int, settings: CacheSettings) -> int:
+    """Bytes of a shard holding one example of ``n_rows`` response rows alone: the rows' tensors
+    (as :class:`CacheSettings` stores them), the example's ``row_offsets`` entry and the shard's
+    leading one. A shard's ``max_shard_bytes`` must be at least this for the largest example."""
+    row = 4  # label, int32
+    if settings.store_hidden:
+        row += hidden_size * _HIDDEN_DTYPES[settings.hidden_dtype].itemsize
+    if settings.topk:
+        row += settings.topk * (4 + 4) + 4  # index int32, log-prob and tail fp32
+    if settings.store_label_logprob:
+        row += 4
+    return 16 + n_rows * row
 
 
 def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
@@ -424,6 +434,12 @@ def build_reference_cache(
     if settings.topk > vocab:
         raise ValueError(f"settings.topk={settings.topk} exceeds the vocabulary size {vocab}")
     labels = data.labels()
+    largest = example_record_bytes(int((labels != -100).sum(1).max()), hidden_size, settings)
+    if largest > max_shard_bytes:
+        raise ValueError(
+            f"max_shard_bytes={max_shard_bytes} is smaller than the largest example's record "
+            f"({largest} bytes): raise it"
+        )
     manifest: dict[str, Any] = {
         "format": CACHE_FORMAT,
         "version": FORMAT_VERSION,
