@@ -112,6 +112,13 @@ def test_run_command_reports_a_missing_dependency(capsys, monkeypatch, module):
     one_line_naming(capsys.readouterr().err, module)
 
 
+@pytest.mark.parametrize("module", ["scipy", "rouge_score"])
+def test_eval_command_reports_a_missing_dependency(tmp_path, capsys, monkeypatch, module):
+    hide(monkeypatch, module)
+    assert main(["eval", "--model", str(tmp_path), "--data", str(tmp_path)]) == 1
+    one_line_naming(capsys.readouterr().err, module)
+
+
 def test_library_entry_points_report_a_missing_dependency(monkeypatch):
     model = tiny_llama(0)
     hide(monkeypatch, "safetensors")
@@ -178,7 +185,7 @@ def test_help_shows_defaults_without_markup():
     ):
         assert shown in text, text
     assert "None" not in text and "[]" not in text and "``" not in text and ":mod:" not in text
-    for name in ("run", "cache"):
+    for name in ("run", "cache", "eval"):
         assert "-v, --verbose" in subcommand_help(name) and "-q, --quiet" in subcommand_help(name)
     assert "``" not in build_parser().format_help()
 
