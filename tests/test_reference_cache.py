@@ -184,6 +184,12 @@ def test_fingerprint_mismatches_are_clear_errors(tmp_path):
         open_with(settings=CacheSettings(topk=6, temperature=2.0))
     with pytest.raises(ValueError, match="setting temperature"):
         open_with(settings=CacheSettings(topk=5))
+    # the checks are skipped only when asked: ReferenceCache(path) alone names what is missing
+    with pytest.raises(ValueError, match=r"^model: .*model=None .*ReferenceCache.open"):
+        ReferenceCache(tmp_path / "c")
+    with pytest.raises(ValueError, match=r"^data: .*data=None"):
+        ReferenceCache(tmp_path / "c", model=model)
+    assert len(ReferenceCache(tmp_path / "c", model=model, data=None)) == len(data)
 
 
 def test_incomplete_truncated_or_damaged_cache_is_refused(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -571,9 +571,9 @@ class ReferenceCache:
     Args:
         path: the cache directory.
         model: the model to be trained against it (its adapter-free fingerprint must match),
-            or ``None`` to skip that check explicitly.
+            or ``None`` to skip that check explicitly (required: omitting it is a ``ValueError``).
         data: the data it is used with (token content, and file hash when both are known),
-            or ``None`` to skip.
+            or ``None`` to skip (required, as ``model``).
         tokenizer: checked when given and the cache records one (a cache built from
             pre-tokenised data may not; its token content is checked through ``data``).
         settings: the settings expected (all fields must match), or ``None``.
@@ -586,12 +586,18 @@ class ReferenceCache:
         self,
         path: str | Path,
         *,
-        model: nn.Module | None,
-        data: TokenizedPairs | None,
+        model: nn.Module | Literal["unset"] | None = "unset",
+        data: TokenizedPairs | Literal["unset"] | None = "unset",
         tokenizer: Any = None,
         settings: CacheSettings | None = None,
         verify: bool = True,
     ) -> None:
+        for name, value in (("model", model), ("data", data)):
+            if isinstance(value, str) and value == "unset":
+                raise ValueError(
+                    f"{name}: pass the {name} the cache is used with, or {name}=None to skip "
+                    "that check explicitly (ReferenceCache.open(path) skips both)"
+                )
         self.path = Path(path)
         manifest_file = self.path / MANIFEST
         if not manifest_file.is_file():
