@@ -71,14 +71,16 @@ class DualJITFunction(JITFunction):
     """A ``@triton.jit`` *device* function callable from compiled and interpreted kernels.
 
     The code generator compiles it like any ``JITFunction``; called from Python (which is what
-    an interpreted kernel does) it runs through the interpreter instead of raising.
+    an interpreted kernel does) it runs the interpreter's rewrite of the function. It skips
+    the interpreter's own per-call re-patching of ``triton.language`` (the kernel that calls
+    it has patched it already), which otherwise costs more than the helper's arithmetic.
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        interpreted = self.__dict__.get("_interpreted")
-        if interpreted is None:
-            interpreted = self.__dict__["_interpreted"] = InterpretedFunction(self.fn)
-        return interpreted(*args, **kwargs)
+        rewritten = self.__dict__.get("_rewritten")
+        if rewritten is None:
+            rewritten = self.__dict__["_rewritten"] = InterpretedFunction(self.fn).rewrite()
+        return rewritten(*args, **kwargs)
 
 
 def device_function(fn: Any) -> DualJITFunction:
@@ -136,12 +138,42 @@ def _row_factors(nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_sca
 
 @device_function
 def _grad_tile(p, is_target, a, big_p, c_eps, w, eps_v, SMOOTH: tl.constexpr):
-    """``a (P p − (ε/V) w)`` off the target, ``a (P p − c_eps)`` at it."""
+    """``a (P p − (ε/V) w)`` off the target, ``a (P p − c_eps)`` at it (``[ROWS, UNROLL,
+    LANES]`` tiles, per-row factors ``[ROWS]``)."""
     if SMOOTH:
-        off = tl.where(is_target, c_eps[:, None], eps_v * w)
+        off = tl.where(is_target, c_eps[:, None, None], eps_v * w)
     else:
-        off = tl.where(is_target, c_eps[:, None], 0.0)
-    return (p * big_p[:, None] - off) * a[:, None]
+        off = tl.where(is_target, c_eps[:, None, None], 0.0)
+    return (p * big_p[:, None, None] - off) * a[:, None, None]
+
+
+@device_function
+def _cols(start, UNROLL: tl.constexpr, LANES: tl.constexpr):
+    """Columns ``[UNROLL, LANES]`` of the vocabulary step at ``start``: run ``u`` is
+    ``start + u·LANES + [0, LANES)``. With ``LANES = VEC·32·num_warps`` (``VEC`` logits in 16
+    bytes) each thread holds ``VEC`` adjacent lanes of every run: ``UNROLL`` independent
+    16-byte loads in flight, and a reduction over the run axis stays inside the thread."""
+    return start + tl.arange(0, UNROLL)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+
+
+@device_function
+def _lane_fold(m, s, z):
+    """Fold a ``[ROWS, UNROLL, LANES]`` tile ``z`` into per-lane running ``(max, Σ e^{z − max})``
+    (``[ROWS, LANES]``), reducing only over the thread's own runs: no barrier. Returns the new
+    pair and the tile's maximum per lane."""
+    step_max = tl.max(z, axis=1)
+    m_new = tl.maximum(m, step_max)
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing finite yet
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None, :]), axis=1)
+    return m_new, s, step_max
+
+
+@device_function
+def _lane_merge(m, s):
+    """Per-row ``(max, Σ e^{z − max})`` of per-lane pairs: the one block-wide reduction."""
+    m_row = tl.max(m, axis=1)
+    shift = tl.where(m_row == float("-inf"), 0.0, m_row)
+    return m_row, tl.sum(s * tl.exp(m - shift[:, None]), axis=1)
 
 
 @triton.jit
@@ -170,110 +202,155 @@ def _ce_fwd_kernel(
     HAS_CLASS_WEIGHT: tl.constexpr,
     RETURN_Z: tl.constexpr,
     ARGMAX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    LANES: tl.constexpr,
 ):
     """Per-row ``loss``/``lse`` (and, as asked, the z-loss part and the argmax); with
-    ``HAS_GRAD`` also the gradient written over ``x``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    row_off = rows.to(tl.int64) * stride_x
-    cols0 = tl.arange(0, BLOCK_V)
-    tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_t, _ = _softcap(x_t, softcap, inv_softcap)
+    ``HAS_GRAD`` also the gradient written over ``x``. Persistent: program ``p`` of ``P`` owns
+    row groups ``p, p + P, …`` of ``ROWS`` rows each."""
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = group * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        row_off = rows.to(tl.int64) * stride_x
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
+        x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_t, _ = _softcap(x_t, softcap, inv_softcap)
 
-    # ---- pass 1: online max / rescaled sum, fp32 -------------------------------------------
-    # m: running row max (one reduction per block); acc: per-lane partial sums of exp(z − m),
-    # rescaled by the scalar exp(m_old − m_new) and reduced once per row after the loop.
-    # SMOOTH: spread, per-lane partial sums of c_v (z_v − z_y); ARGMAX: the first column of m.
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    if SMOOTH:
-        spread = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    if ARGMAX:
-        arg = tl.zeros([BLOCK_N], tl.int32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        x = tl.load(x_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0)
-        z = x.to(tl.float32)
+        # ---- pass 1: per-lane online max / rescaled sum, fp32 ---------------------------------
+        # Every lane keeps its own running max m and sum s of exp(z − m) (SMOOTH: the spread,
+        # Σ c_v (z_v − z_y); ARGMAX: the first column of its max); the lanes are merged once,
+        # after the loop, so the loop body has no block-wide reduction.
+        m = tl.full([ROWS, LANES], float("-inf"), tl.float32)
+        acc = tl.zeros([ROWS, LANES], tl.float32)
+        if SMOOTH:
+            spread = tl.zeros([ROWS, LANES], tl.float32)
+        if ARGMAX:
+            arg = tl.zeros([ROWS, LANES], tl.int32)
+        for start in range(0, V, UNROLL * LANES):
+            cols = _cols(start, UNROLL, LANES)
+            mask = row_ok[:, None, None] & (cols < V)[None, :, :]
+            ptrs = x_ptr + row_off[:, None, None] + cols[None, :, :]
+            z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                z, _ = _softcap(z, softcap, inv_softcap)
+            if SMOOTH:
+                d = tl.where(mask, z - x_t[:, None, None], 0.0)
+                if HAS_CLASS_WEIGHT:
+                    w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+                    d = d * w[None, :, :]
+                spread += tl.sum(d, axis=1)
+            z = tl.where(mask, z, float("-inf"))
+            m_new, acc, step_max = _lane_fold(m, acc, z)
+            if ARGMAX:  # the step's first column holding the lane's max, if that beats it
+                first = tl.min(tl.where(z == step_max[:, None, :], cols[None, :, :], V), axis=1)
+                arg = tl.where(step_max > m, first, arg)
+            m = m_new
+        m_lane = m
+        m, s = _lane_merge(m_lane, acc)
+
+        # lse = m + log s. Kept apart: z − m is exact for the logits that matter (Sterbenz),
+        # so exp((z − m) − log s) and (m − z_y) + log s stay accurate when |z| is large (1e4:
+        # the fp32 rounding of lse alone would be 2e-3 there). Padding rows (s = 0, m = −inf)
+        # get m = 0, log s = 0, so pass 2 stays finite on them too.
+        m = tl.where(row_ok, m, 0.0)
+        log_s = tl.log(tl.where(row_ok, s, 1.0))
+        # lse leaves as the pair hi + lo (hi = fl(m + log s), lo its rounding error, exact by
+        # Fast2Sum since |m| ≥ |log s| wherever it matters): the backward rebuilds
+        # exp(z − lse) as exp((z − hi) − lo) at full precision.
+        lse_hi = m + log_s
+        tl.store(lse_ptr + rows, lse_hi, mask=row_ok)
+        tl.store(lse_lo_ptr + rows, (m - lse_hi) + log_s, mask=row_ok)
+        if ARGMAX:  # the first column among the lanes that hold the row's max
+            first = tl.min(tl.where(m_lane == tl.max(m_lane, axis=1)[:, None], arg, V), axis=1)
+            tl.store(argmax_ptr + rows, first.to(tl.int64), mask=row_ok)
+
+        # ---- the row's loss (CERowMath): every option off leaves loss = nll --------------------
+        nll = (m - x_t) + log_s
+        c_y = tl.full([ROWS], 1.0, tl.float32)
+        if HAS_CLASS_WEIGHT:
+            c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
+        inv_v = 1.0 / V
+        loss = c_y * nll
+        if SMOOTH:
+            loss = (1.0 - eps) * loss + (eps * inv_v) * (class_sum * nll - tl.sum(spread, axis=1))
+        z_part = c_y * z_scale * lse_hi * lse_hi
+        pi = tl.where(token_scaling != 0, tl.exp(-nll), 1.0)
+        tl.store(loss_ptr + rows, pi * (loss + z_part), mask=row_ok)
+        if RETURN_Z:
+            tl.store(z_part_ptr + rows, pi * z_part, mask=row_ok)
+
+        # ---- pass 2: gradient over x ----------------------------------------------------------
+        if HAS_GRAD:
+            scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            a, big_p, c_eps = _row_factors(
+                nll, lse_hi, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
+            )
+            _ce_write_grad(
+                x_ptr,
+                cw_ptr,
+                row_ok,
+                row_off,
+                tgt,
+                V,
+                m,
+                log_s,
+                a,
+                big_p,
+                c_eps,
+                eps * inv_v,
+                softcap,
+                inv_softcap,
+                HAS_SOFTCAP,
+                SMOOTH,
+                HAS_CLASS_WEIGHT,
+                UNROLL,
+                LANES,
+            )
+
+
+@device_function
+def _ce_write_grad(
+    x_ptr,
+    cw_ptr,
+    row_ok,
+    row_off,
+    tgt,
+    V,
+    hi,
+    lo,
+    a,
+    big_p,
+    c_eps,
+    eps_v,
+    softcap,
+    inv_softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_CLASS_WEIGHT: tl.constexpr,
+    UNROLL: tl.constexpr,
+    LANES: tl.constexpr,
+):
+    """One sweep over the rows writing ``x ← ∂ℓ/∂x`` (:func:`_grad_tile` times sech² under
+    softcap), with ``p = exp((z − hi) − lo)`` for ``lse = hi + lo``."""
+    for start in range(0, V, UNROLL * LANES):
+        cols = _cols(start, UNROLL, LANES)
+        mask = row_ok[:, None, None] & (cols < V)[None, :, :]
+        ptrs = x_ptr + row_off[:, None, None] + cols[None, :, :]
+        z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z, e = _softcap(z, softcap, inv_softcap)
-        if SMOOTH:
-            d = tl.where(mask, z - x_t[:, None], 0.0)
-            if HAS_CLASS_WEIGHT:
-                w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-                d = d * w[None, :]
-            spread += d
-        z = tl.where(mask, z, float("-inf"))
-        block_max = tl.max(z, axis=1)
-        if ARGMAX:  # the block's first column holding its maximum, if that beats the row's
-            first = tl.min(tl.where(z == block_max[:, None], cols[None, :], V), axis=1)
-            arg = tl.where(block_max > m, first, arg)
-        m_new = tl.maximum(m, block_max)
-        # padding rows keep m = −inf: shift them by 0 instead (exp(−inf − 0) = 0, no NaN)
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        acc = acc * tl.exp(m - shift)[:, None] + tl.exp(z - shift[:, None])
-        m = m_new
-    s = tl.sum(acc, axis=1)
-
-    # lse = m + log s. Kept apart: z − m is exact for the logits that matter (Sterbenz), so
-    # exp((z − m) − log s) and (m − z_y) + log s stay accurate when |z| is large (1e4: the
-    # fp32 rounding of lse alone would be 2e-3 there). Padding rows (s = 0, m = −inf) get
-    # m = 0, log s = 0, so pass 2 stays finite on them too.
-    m = tl.where(row_ok, m, 0.0)
-    log_s = tl.log(tl.where(row_ok, s, 1.0))
-    # lse leaves as the pair hi + lo (hi = fl(m + log s), lo its rounding error, exact by
-    # Fast2Sum since |m| ≥ |log s| wherever it matters): the backward rebuilds exp(z − lse)
-    # as exp((z − hi) − lo) at full precision.
-    lse_hi = m + log_s
-    tl.store(lse_ptr + rows, lse_hi, mask=row_ok)
-    tl.store(lse_lo_ptr + rows, (m - lse_hi) + log_s, mask=row_ok)
-    if ARGMAX:
-        tl.store(argmax_ptr + rows, arg.to(tl.int64), mask=row_ok)
-
-    # ---- the row's loss (CERowMath): every option off leaves loss = nll ----------------------
-    nll = (m - x_t) + log_s
-    c_y = tl.full([BLOCK_N], 1.0, tl.float32)
-    if HAS_CLASS_WEIGHT:
-        c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    inv_v = 1.0 / V
-    loss = c_y * nll
-    if SMOOTH:
-        loss = (1.0 - eps) * loss + (eps * inv_v) * (class_sum * nll - tl.sum(spread, axis=1))
-    z_part = c_y * z_scale * lse_hi * lse_hi
-    pi = tl.where(token_scaling != 0, tl.exp(-nll), 1.0)
-    tl.store(loss_ptr + rows, pi * (loss + z_part), mask=row_ok)
-    if RETURN_Z:
-        tl.store(z_part_ptr + rows, pi * z_part, mask=row_ok)
-
-    # ---- pass 2: gradient over x ------------------------------------------------------------
-    if HAS_GRAD:
-        scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        a, big_p, c_eps = _row_factors(
-            nll, lse_hi, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
-        )
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            ptrs = x_ptr + row_off[:, None] + cols[None, :]
-            x = tl.load(ptrs, mask=mask, other=0.0)
-            z = x.to(tl.float32)
-            if HAS_SOFTCAP:
-                z, e = _softcap(z, softcap, inv_softcap)
-            p = tl.exp((z - m[:, None]) - log_s[:, None])
-            w = 1.0
-            if HAS_CLASS_WEIGHT and SMOOTH:
-                w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-            g = _grad_tile(
-                p, cols[None, :] == tgt[:, None], a, big_p, c_eps, w, eps * inv_v, SMOOTH
-            )
-            if HAS_SOFTCAP:
-                one_e = 1.0 + e
-                g = g * (4.0 * e / (one_e * one_e))
-            tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
+        p = tl.exp((z - hi[:, None, None]) - lo[:, None, None])
+        w = 1.0
+        if HAS_CLASS_WEIGHT and SMOOTH:
+            w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :, :]
+        is_target = cols[None, :, :] == tgt[:, None, None]
+        g = _grad_tile(p, is_target, a, big_p, c_eps, w, eps_v, SMOOTH)
+        if HAS_SOFTCAP:
+            one_e = 1.0 + e
+            g = g * (4.0 * e / (one_e * one_e))
+        tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -296,68 +373,92 @@ def _ce_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     SMOOTH: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    LANES: tl.constexpr,
 ):
     """Recompute mode: gradient over ``x`` from the saved ``lse = hi + lo`` (pass 2 of the
-    forward)."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    row_off = rows.to(tl.int64) * stride_x
-    cols0 = tl.arange(0, BLOCK_V)
-    tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_t, _ = _softcap(x_t, softcap, inv_softcap)
-    c_y = tl.full([BLOCK_N], 1.0, tl.float32)
-    if HAS_CLASS_WEIGHT:
-        c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
-    inv_v = 1.0 / V
-    nll = (lse - x_t) + lse_lo
-    a, big_p, c_eps = _row_factors(
-        nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
-    )
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        ptrs = x_ptr + row_off[:, None] + cols[None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0)
-        z = x.to(tl.float32)
+    forward), on the same persistent grid."""
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = group * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < n_rows
+        row_off = rows.to(tl.int64) * stride_x
+        tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z, e = _softcap(z, softcap, inv_softcap)
-        p = tl.exp((z - lse[:, None]) - lse_lo[:, None])
-        w = 1.0
-        if HAS_CLASS_WEIGHT and SMOOTH:
-            w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :]
-        g = _grad_tile(p, cols[None, :] == tgt[:, None], a, big_p, c_eps, w, eps * inv_v, SMOOTH)
-        if HAS_SOFTCAP:
-            one_e = 1.0 + e
-            g = g * (4.0 * e / (one_e * one_e))
-        tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
+            x_t, _ = _softcap(x_t, softcap, inv_softcap)
+        c_y = tl.full([ROWS], 1.0, tl.float32)
+        if HAS_CLASS_WEIGHT:
+            c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
+        inv_v = 1.0 / V
+        nll = (lse - x_t) + lse_lo
+        a, big_p, c_eps = _row_factors(
+            nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_scaling
+        )
+        _ce_write_grad(
+            x_ptr,
+            cw_ptr,
+            row_ok,
+            row_off,
+            tgt,
+            V,
+            lse,
+            lse_lo,
+            a,
+            big_p,
+            c_eps,
+            eps * inv_v,
+            softcap,
+            inv_softcap,
+            HAS_SOFTCAP,
+            SMOOTH,
+            HAS_CLASS_WEIGHT,
+            UNROLL,
+            LANES,
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # launch configuration
 # ------------------------------------------------------------------------------------------
 
-# GPU: one row per program for a real vocabulary (V = 32k–256k): 2048 columns per step over
-# 8 warps = 8 logits per thread (one 16-byte load in bf16/fp16, two in fp32), 16–125 steps
-# per row and a grid of n rows (thousands) to fill every SM. 4096 columns (16 per thread)
-# needed 80 registers and spilled on sm_80 with fp32 + softcap + gradient; 2048 stays at
-# ≤ 59 registers, ≥ 32 resident warps per SM (benchmarks/results/triton_ptxas.md). Small V
-# packs several rows per program. Options that keep more live values per logit (label smoothing
-# and the argmax in CE; softcap and the reverse KL / JSD in KL) need up to 80 registers at 8
-# logits per thread: those kernels run 16 warps (4 logits per thread per step; 32–54
-# registers, the same ≥ 32 resident warps).
-GPU_BLOCK_V = 2048
-GPU_NUM_WARPS = 8
-GPU_HEAVY_NUM_WARPS = 16
-# Interpreter: its cost is per step and per program, not per element, so use big tiles.
-INTERP_BLOCK_V = 8192
-INTERP_TILE = 1 << 16
+#: ``(ROWS, UNROLL, num_warps)`` of the autotuned configurations; ``LANES = VEC·32·num_warps``
+#: with ``VEC`` logits per 16-byte load (4 in fp32, 8 in bf16/fp16), so a step covers
+#: ``ROWS × UNROLL·LANES`` logits: one row and 2 or 4 loads in flight per thread for a real
+#: vocabulary (2048–8192 columns a step), four rows of 512–1024 columns for a small one.
+CONFIG_SHAPES = ((1, 2, 8), (1, 4, 8), (1, 2, 16), (4, 1, 4))
+#: the ROWS > 1 configurations are for vocabularies no wider than one step
+SMALL_V = 1024
+#: persistent grid: programs per SM (a program is 4–16 warps; ≥ 32 warps resident per SM)
+PROGRAMS_PER_SM = 4
+#: interpreter grid: two programs, so the row striding runs, and nothing is paid per program
+INTERP_PROGRAMS = 2
+
+
+def configs_for(dtype: torch.dtype) -> list[triton.Config]:
+    """The autotuned configurations for logits of ``dtype`` (see ``CONFIG_SHAPES``)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return [
+        triton.Config(
+            dict(ROWS=rows, UNROLL=unroll, LANES=vec * 32 * warps), num_warps=warps, num_stages=1
+        )
+        for rows, unroll, warps in CONFIG_SHAPES
+    ]
+
+
+def prune_configs(configs: list[triton.Config], V: int) -> list[triton.Config]:
+    """The configurations worth timing for ``V`` columns: the several-row ones up to
+    ``SMALL_V`` columns, the one-row ones above."""
+    return [c for c in configs if (c.kwargs["ROWS"] == 1) == (V > SMALL_V)] or configs
+
+
+def interpreter_config(configs: list[triton.Config], V: int) -> triton.Config:
+    """The configuration the interpreter runs (autotuning would time Python there): the first
+    of :func:`prune_configs`, deterministic for a given ``V``."""
+    return prune_configs(configs, V)[0]
 
 
 def triton_interpreter_active() -> bool:
@@ -376,21 +477,6 @@ def _interpreted(device: torch.device) -> bool:
     return False
 
 
-def launch_config(n: int, V: int, interpreted: bool, heavy: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_V, num_warps)`` for an ``[n, V]`` chunk; ``heavy`` for a kernel
-    flavour with more live values per logit (see ``GPU_HEAVY_NUM_WARPS``)."""
-    if interpreted:
-        block_v = min(triton.next_power_of_2(V), INTERP_BLOCK_V)
-        block_n = max(1, min(triton.next_power_of_2(n), INTERP_TILE // block_v))
-        return block_n, block_v, 4
-    block_v = min(triton.next_power_of_2(V), GPU_BLOCK_V)
-    block_n = max(1, min(triton.next_power_of_2(n), GPU_BLOCK_V // block_v))
-    num_warps = GPU_NUM_WARPS if block_n * block_v >= 2048 else 4
-    if heavy and num_warps == GPU_NUM_WARPS:
-        num_warps = GPU_HEAVY_NUM_WARPS
-    return block_n, block_v, num_warps
-
-
 _VARIANTS: dict[tuple[int, bool], Any] = {}
 
 
@@ -404,6 +490,43 @@ def kernel_variant(kernel: Any, interpreted: bool) -> Any:
     if key not in _VARIANTS:
         _VARIANTS[key] = want(kernel.fn)
     return _VARIANTS[key]
+
+
+_TUNERS: dict[tuple[int, torch.dtype], Any] = {}
+
+
+def launch(kernel: Any, x: Tensor, n_rows: int, V: int, *args: Any, **constexprs: Any) -> None:
+    """Run ``kernel(*args, **constexprs)`` over ``n_rows`` rows of ``V`` columns of ``x`` on a
+    persistent grid (``min(row groups, SMs × PROGRAMS_PER_SM)`` programs, row groups strided).
+
+    On a GPU the configuration is autotuned once per ``(V, dtype)`` (and constexpr flags) by
+    ``triton.autotune`` over :func:`configs_for` (``x`` restored after each timing run, since
+    the kernels write over it); under the interpreter it is :func:`interpreter_config`.
+    """
+    configs = configs_for(x.dtype)
+    if _interpreted(x.device):
+        cfg = interpreter_config(configs, V)
+        grid = (min(triton.cdiv(n_rows, cfg.kwargs["ROWS"]), INTERP_PROGRAMS),)
+        kernel_variant(kernel, True)[grid](
+            *args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps
+        )
+        return
+    key = (id(kernel), x.dtype)
+    if key not in _TUNERS:
+        _TUNERS[key] = triton.autotune(
+            configs=configs,
+            key=["V"],
+            prune_configs_by={
+                "early_config_prune": lambda cs, nargs, **_: prune_configs(cs, nargs["V"])
+            },
+            restore_value=["x_ptr"],
+        )(kernel_variant(kernel, False))
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (min(triton.cdiv(n_rows, meta["ROWS"]), sms * PROGRAMS_PER_SM),)
+
+    _TUNERS[key][grid](*args, **constexprs)
 
 
 def _check(x: Tensor, **rows: Tensor | None) -> None:
@@ -474,13 +597,14 @@ def ce_forward(
         return CERows(loss, lse.double(), z_part, argmax)
     if V == 0:
         raise ValueError("x must have at least one column")
-    interpreted = _interpreted(x.device)
-    heavy = math.label_smoothing > 0 or math.argmax
-    block_n, block_v, num_warps = launch_config(n, V, interpreted, heavy)
     has_grad = grad_scale is not None
     scale = grad_scale.float().contiguous() if has_grad else lse  # dummy pointer when unused
     opts = _options(math, class_weight, V, lse)
-    kernel_variant(_ce_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _ce_fwd_kernel,
+        x,
+        n,
+        V,
         x,
         target.contiguous(),
         scale,
@@ -498,9 +622,6 @@ def ce_forward(
         RETURN_Z=math.z_loss,
         ARGMAX=math.argmax,
         **opts["constexprs"],
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
     )
     return CERows(loss, lse.double() + lse_lo.double(), z_part, argmax)
 
@@ -522,11 +643,13 @@ def ce_backward(
     n, V = x.shape
     if n == 0:
         return
-    interpreted = _interpreted(x.device)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted, math.label_smoothing > 0)
     hi, lo = split_lse(lse.contiguous(), torch.float32)
     opts = _options(math, class_weight, V, hi)
-    kernel_variant(_ce_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _ce_bwd_kernel,
+        x,
+        n,
+        V,
         x,
         target.contiguous(),
         hi,
@@ -538,9 +661,6 @@ def ce_backward(
         x.stride(0),
         *opts["scalars"],
         **opts["constexprs"],
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
     )
 
 
@@ -549,26 +669,40 @@ def ce_backward(
 # ------------------------------------------------------------------------------------------
 
 
-def ptxas_case(
+_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def config_tag(cfg: triton.Config) -> str:
+    """``R1xU2xW8``: rows per step, loads in flight per thread and warps of a configuration."""
+    return f"R{cfg.kwargs['ROWS']}xU{cfg.kwargs['UNROLL']}xW{cfg.num_warps}"
+
+
+def ptxas_cases_for(
     name: str,
     kernel: Any,
     signature: dict[str, str],
     constexprs: dict[str, Any],
-    num_warps: int,
+    dtype: str,
     aligned_ints: tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """One compile case (the dict benchmarks/triton_ptxas.py reads); every pointer argument and
-    ``aligned_ints`` are seen as 16-divisible, as the runtime sees caching-allocator pointers
-    and V, row strides for V = 32000/128256/151936/152064/256000."""
+) -> list[dict[str, Any]]:
+    """The compile cases (the dicts benchmarks/triton_ptxas.py reads) of the kernel flavour
+    ``name`` (``"ce_fwd[bf16,grad=1]"``) for logits of ``dtype``: one per autotuned
+    configuration (:func:`configs_for`), its tag added inside the brackets. Every pointer
+    argument and ``aligned_ints`` are seen as 16-divisible, as the runtime sees
+    caching-allocator pointers and V, row strides for V = 32000/128256/151936/152064/256000."""
     aligned = tuple(k for k, t in signature.items() if t.startswith("*")) + aligned_ints
-    return dict(
-        name=name,
-        kernel=kernel,
-        signature=signature,
-        constexprs=constexprs,
-        aligned=aligned,
-        num_warps=num_warps,
-    )
+    return [
+        dict(
+            name=f"{name[:-1]},{config_tag(cfg)}]",
+            kernel=kernel,
+            signature=signature,
+            constexprs={**constexprs, **cfg.kwargs},
+            aligned=aligned,
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+        for cfg in configs_for(_DTYPE_NAMES[dtype])
+    ]
 
 
 #: the runtime scalars of the cross-entropy kernels, after their pointers and row counts
@@ -583,14 +717,10 @@ _CE_SCALARS = {
 
 
 def _ptxas_cases() -> list[dict[str, Any]]:
-    """Each kernel × dtype × gradient × softcap, with every option off and with every option on
-    (weighted label smoothing, z-loss part, argmax: the most registers), at the GPU config for
-    a real vocabulary."""
-    block_n, block_v, num_warps = launch_config(4096, 128256, interpreted=False)
-    heavy_warps = launch_config(4096, 128256, interpreted=False, heavy=True)[2]
-    blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v)
+    """Each kernel × dtype × gradient × softcap × configuration, with every option off and with
+    every option on (weighted label smoothing, z-loss part, argmax: the most registers)."""
     cases: list[dict[str, Any]] = []
-    for dt in ("fp32", "bf16", "fp16"):
+    for dt in _DTYPE_NAMES:
         fwd = {
             "x_ptr": f"*{dt}",
             "target_ptr": "*i64",
@@ -623,32 +753,27 @@ def _ptxas_cases() -> list[dict[str, Any]]:
             tag = ",options" if options else ""
             for softcap in (False, True):
                 for grad in (False, True):
-                    cases.append(
-                        ptxas_case(
-                            f"ce_fwd[{dt},grad={int(grad)},softcap={int(softcap)}{tag}]",
-                            _ce_fwd_kernel,
-                            fwd,
-                            dict(
-                                HAS_GRAD=grad,
-                                HAS_SOFTCAP=softcap,
-                                RETURN_Z=options,
-                                ARGMAX=options,
-                                **flags,
-                                **blocks,
-                            ),
-                            heavy_warps if options else num_warps,
-                            ("V", "stride_x"),
-                        )
-                    )
-                cases.append(
-                    ptxas_case(
-                        f"ce_bwd[{dt},softcap={int(softcap)}{tag}]",
-                        _ce_bwd_kernel,
-                        bwd,
-                        dict(HAS_SOFTCAP=softcap, **flags, **blocks),
-                        heavy_warps if options else num_warps,
+                    cases += ptxas_cases_for(
+                        f"ce_fwd[{dt},grad={int(grad)},softcap={int(softcap)}{tag}]",
+                        _ce_fwd_kernel,
+                        fwd,
+                        dict(
+                            HAS_GRAD=grad,
+                            HAS_SOFTCAP=softcap,
+                            RETURN_Z=options,
+                            ARGMAX=options,
+                            **flags,
+                        ),
+                        dt,
                         ("V", "stride_x"),
                     )
+                cases += ptxas_cases_for(
+                    f"ce_bwd[{dt},softcap={int(softcap)}{tag}]",
+                    _ce_bwd_kernel,
+                    bwd,
+                    dict(HAS_SOFTCAP=softcap, **flags),
+                    dt,
+                    ("V", "stride_x"),
                 )
     return cases
 
