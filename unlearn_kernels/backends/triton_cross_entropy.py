@@ -138,42 +138,85 @@ def _row_factors(nll, lse, scale, c_y, eps, inv_v, class_sum, z_scale, token_sca
 
 @device_function
 def _grad_tile(p, is_target, a, big_p, c_eps, w, eps_v, SMOOTH: tl.constexpr):
-    """``a (P p − (ε/V) w)`` off the target, ``a (P p − c_eps)`` at it (``[ROWS, UNROLL,
-    LANES]`` tiles, per-row factors ``[ROWS]``)."""
-    if SMOOTH:
-        off = tl.where(is_target, c_eps[:, None, None], eps_v * w)
-    else:
-        off = tl.where(is_target, c_eps[:, None, None], 0.0)
-    return (p * big_p[:, None, None] - off) * a[:, None, None]
+    """``a (P p − (ε/V) w)`` off the target, ``a (P p − c_eps)`` at it (per-row factors
+    ``[ROWS]``)."""
+    off = tl.where(is_target, _per_row(c_eps), eps_v * w if SMOOTH else 0.0)
+    return (p * _per_row(big_p) - off) * _per_row(a)
+
+
+# Tiles. A program's vocabulary step covers ROWS rows × UNROLL·THREADS·VEC columns, held as
+# [ROWS, UNROLL, THREADS, VEC]: thread t owns the VEC adjacent columns (16 bytes) at t·VEC of
+# each of the UNROLL runs of THREADS·VEC columns, i.e. UNROLL independent, coalesced 16-byte
+# loads in flight. Reducing over the UNROLL and VEC axes stays inside the thread (no shuffle,
+# no barrier): running statistics are kept per thread, [ROWS, THREADS], and merged across the
+# block once per row, after the vocabulary loop. ROWS is 1 on a GPU; the interpreter, whose
+# cost is per operation, batches rows (``INTERP_ROWS``) through the same configuration.
 
 
 @device_function
-def _cols(start, UNROLL: tl.constexpr, LANES: tl.constexpr):
-    """Columns ``[UNROLL, LANES]`` of the vocabulary step at ``start``: run ``u`` is
-    ``start + u·LANES + [0, LANES)``. With ``LANES = VEC·32·num_warps`` (``VEC`` logits in 16
-    bytes) each thread holds ``VEC`` adjacent lanes of every run: ``UNROLL`` independent
-    16-byte loads in flight, and a reduction over the run axis stays inside the thread."""
-    return start + tl.arange(0, UNROLL)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+def _cols(start, UNROLL: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+    """Columns ``[1, UNROLL, THREADS, VEC]`` of the vocabulary step at ``start``."""
+    run = tl.arange(0, UNROLL)[None, :, None, None] * (THREADS * VEC)
+    lane = tl.arange(0, THREADS)[None, None, :, None] * VEC + tl.arange(0, VEC)[None, None, None, :]
+    return start + run + lane
 
 
 @device_function
-def _lane_fold(m, s, z):
-    """Fold a ``[ROWS, UNROLL, LANES]`` tile ``z`` into per-lane running ``(max, Σ e^{z − max})``
-    (``[ROWS, LANES]``), reducing only over the thread's own runs: no barrier. Returns the new
-    pair and the tile's maximum per lane."""
-    step_max = tl.max(z, axis=1)
+def _per_row(v):
+    """A per-row ``[ROWS]`` value broadcast against tiles."""
+    return v[:, None, None, None]
+
+
+@device_function
+def _per_thread(v):
+    """A per-thread ``[ROWS, THREADS]`` value broadcast against tiles."""
+    return v[:, None, :, None]
+
+
+@device_function
+def _class_weights(cw_ptr, cols, V):
+    """``c_v`` of a step's columns (loaded in the logits' layout: no conversion between them,
+    hence no barrier)."""
+    return tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+
+
+@device_function
+def _thread_max(t):
+    """Max over each thread's own elements of a tile: ``[ROWS, THREADS]``."""
+    return tl.max(tl.max(t, axis=3), axis=1)
+
+
+@device_function
+def _thread_sum(t):
+    """Sum over each thread's own elements of a tile: ``[ROWS, THREADS]``."""
+    return tl.sum(tl.sum(t, axis=3), axis=1)
+
+
+@device_function
+def _thread_fold(m, s, z):
+    """Fold tile ``z`` into per-thread running ``(max, Σ e^{z − max})`` without leaving the
+    thread; returns the new pair, the step's max per thread and the old sum's rescale factor."""
+    step_max = _thread_max(z)
     m_new = tl.maximum(m, step_max)
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # lanes with nothing finite yet
-    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift[:, None, :]), axis=1)
-    return m_new, s, step_max
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet
+    alpha = tl.exp(m - shift)
+    return m_new, s * alpha + _thread_sum(tl.exp(z - _per_thread(shift))), step_max, alpha
 
 
 @device_function
-def _lane_merge(m, s):
-    """Per-row ``(max, Σ e^{z − max})`` of per-lane pairs: the one block-wide reduction."""
+def _thread_merge(m, s):
+    """Per-row ``(max, Σ e^{z − max})`` of per-thread pairs: the one block-wide reduction."""
     m_row = tl.max(m, axis=1)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     return m_row, tl.sum(s * tl.exp(m - shift[:, None]), axis=1)
+
+
+@device_function
+def _row_group(group, n_rows, stride, ROWS: tl.constexpr):
+    """Rows ``[ROWS]`` of row group ``group``, which of them exist, and their offsets."""
+    rows = group * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    return rows, row_ok, rows.to(tl.int64) * stride
 
 
 @triton.jit
@@ -204,51 +247,48 @@ def _ce_fwd_kernel(
     ARGMAX: tl.constexpr,
     ROWS: tl.constexpr,
     UNROLL: tl.constexpr,
-    LANES: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per-row ``loss``/``lse`` (and, as asked, the z-loss part and the argmax); with
     ``HAS_GRAD`` also the gradient written over ``x``. Persistent: program ``p`` of ``P`` owns
-    row groups ``p, p + P, …`` of ``ROWS`` rows each."""
+    row groups ``p, p + P, …``."""
     for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = group * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n_rows
-        row_off = rows.to(tl.int64) * stride_x
+        rows, row_ok, row_off = _row_group(group, n_rows, stride_x, ROWS)
         tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
         x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            x_t, _ = _softcap(x_t, softcap, inv_softcap)
+            x_t = _softcap(x_t, softcap, inv_softcap)[0]
 
-        # ---- pass 1: per-lane online max / rescaled sum, fp32 ---------------------------------
-        # Every lane keeps its own running max m and sum s of exp(z − m) (SMOOTH: the spread,
-        # Σ c_v (z_v − z_y); ARGMAX: the first column of its max); the lanes are merged once,
-        # after the loop, so the loop body has no block-wide reduction.
-        m = tl.full([ROWS, LANES], float("-inf"), tl.float32)
-        acc = tl.zeros([ROWS, LANES], tl.float32)
+        # ---- pass 1: per-thread online max / rescaled sum, fp32 -------------------------------
+        # Every thread keeps its own running max m and sum acc of exp(z − m) (SMOOTH: the
+        # spread, Σ c_v (z_v − z_y); ARGMAX: the first column of its max); the threads are
+        # merged once, after the loop, so the loop body has no block-wide reduction.
+        m = tl.full([ROWS, THREADS], float("-inf"), tl.float32)
+        acc = tl.zeros([ROWS, THREADS], tl.float32)
         if SMOOTH:
-            spread = tl.zeros([ROWS, LANES], tl.float32)
+            spread = tl.zeros([ROWS, THREADS], tl.float32)
         if ARGMAX:
-            arg = tl.zeros([ROWS, LANES], tl.int32)
-        for start in range(0, V, UNROLL * LANES):
-            cols = _cols(start, UNROLL, LANES)
-            mask = row_ok[:, None, None] & (cols < V)[None, :, :]
-            ptrs = x_ptr + row_off[:, None, None] + cols[None, :, :]
-            z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            arg = tl.zeros([ROWS, THREADS], tl.int32)
+        for start in range(0, V, UNROLL * THREADS * VEC):
+            cols = _cols(start, UNROLL, THREADS, VEC)
+            mask = _per_row(row_ok) & (cols < V)
+            z = tl.load(x_ptr + _per_row(row_off) + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z, _ = _softcap(z, softcap, inv_softcap)
+                z = _softcap(z, softcap, inv_softcap)[0]
             if SMOOTH:
-                d = tl.where(mask, z - x_t[:, None, None], 0.0)
+                d = tl.where(mask, z - _per_row(x_t), 0.0)
                 if HAS_CLASS_WEIGHT:
-                    w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-                    d = d * w[None, :, :]
-                spread += tl.sum(d, axis=1)
+                    d = d * _class_weights(cw_ptr, cols, V)
+                spread += _thread_sum(d)
             z = tl.where(mask, z, float("-inf"))
-            m_new, acc, step_max = _lane_fold(m, acc, z)
-            if ARGMAX:  # the step's first column holding the lane's max, if that beats it
-                first = tl.min(tl.where(z == step_max[:, None, :], cols[None, :, :], V), axis=1)
-                arg = tl.where(step_max > m, first, arg)
+            m_new, acc, step_max, _alpha = _thread_fold(m, acc, z)
+            if ARGMAX:  # the step's first column holding the thread's max, if that beats it
+                at_max = tl.where(z == _per_thread(step_max), cols, V)
+                arg = tl.where(step_max > m, tl.min(tl.min(at_max, axis=3), axis=1), arg)
             m = m_new
-        m_lane = m
-        m, s = _lane_merge(m_lane, acc)
+        m_thread = m
+        m, s = _thread_merge(m_thread, acc)
 
         # lse = m + log s. Kept apart: z − m is exact for the logits that matter (Sterbenz),
         # so exp((z − m) − log s) and (m − z_y) + log s stay accurate when |z| is large (1e4:
@@ -262,9 +302,9 @@ def _ce_fwd_kernel(
         lse_hi = m + log_s
         tl.store(lse_ptr + rows, lse_hi, mask=row_ok)
         tl.store(lse_lo_ptr + rows, (m - lse_hi) + log_s, mask=row_ok)
-        if ARGMAX:  # the first column among the lanes that hold the row's max
-            first = tl.min(tl.where(m_lane == tl.max(m_lane, axis=1)[:, None], arg, V), axis=1)
-            tl.store(argmax_ptr + rows, first.to(tl.int64), mask=row_ok)
+        if ARGMAX:  # the first column among the threads that hold the row's max
+            at_max = tl.where(m_thread == tl.max(m_thread, axis=1)[:, None], arg, V)
+            tl.store(argmax_ptr + rows, tl.min(at_max, axis=1).to(tl.int64), mask=row_ok)
 
         # ---- the row's loss (CERowMath): every option off leaves loss = nll --------------------
         nll = (m - x_t) + log_s
@@ -306,7 +346,8 @@ def _ce_fwd_kernel(
                 SMOOTH,
                 HAS_CLASS_WEIGHT,
                 UNROLL,
-                LANES,
+                THREADS,
+                VEC,
             )
 
 
@@ -330,23 +371,23 @@ def _ce_write_grad(
     SMOOTH: tl.constexpr,
     HAS_CLASS_WEIGHT: tl.constexpr,
     UNROLL: tl.constexpr,
-    LANES: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """One sweep over the rows writing ``x ← ∂ℓ/∂x`` (:func:`_grad_tile` times sech² under
     softcap), with ``p = exp((z − hi) − lo)`` for ``lse = hi + lo``."""
-    for start in range(0, V, UNROLL * LANES):
-        cols = _cols(start, UNROLL, LANES)
-        mask = row_ok[:, None, None] & (cols < V)[None, :, :]
-        ptrs = x_ptr + row_off[:, None, None] + cols[None, :, :]
+    for start in range(0, V, UNROLL * THREADS * VEC):
+        cols = _cols(start, UNROLL, THREADS, VEC)
+        mask = _per_row(row_ok) & (cols < V)
+        ptrs = x_ptr + _per_row(row_off) + cols
         z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z, e = _softcap(z, softcap, inv_softcap)
-        p = tl.exp((z - hi[:, None, None]) - lo[:, None, None])
+        p = tl.exp((z - _per_row(hi)) - _per_row(lo))
         w = 1.0
         if HAS_CLASS_WEIGHT and SMOOTH:
-            w = tl.load(cw_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)[None, :, :]
-        is_target = cols[None, :, :] == tgt[:, None, None]
-        g = _grad_tile(p, is_target, a, big_p, c_eps, w, eps_v, SMOOTH)
+            w = _class_weights(cw_ptr, cols, V)
+        g = _grad_tile(p, cols == _per_row(tgt), a, big_p, c_eps, w, eps_v, SMOOTH)
         if HAS_SOFTCAP:
             one_e = 1.0 + e
             g = g * (4.0 * e / (one_e * one_e))
@@ -375,21 +416,20 @@ def _ce_bwd_kernel(
     HAS_CLASS_WEIGHT: tl.constexpr,
     ROWS: tl.constexpr,
     UNROLL: tl.constexpr,
-    LANES: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Recompute mode: gradient over ``x`` from the saved ``lse = hi + lo`` (pass 2 of the
     forward), on the same persistent grid."""
     for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
-        rows = group * ROWS + tl.arange(0, ROWS)
-        row_ok = rows < n_rows
-        row_off = rows.to(tl.int64) * stride_x
+        rows, row_ok, row_off = _row_group(group, n_rows, stride_x, ROWS)
         tgt = tl.load(target_ptr + rows, mask=row_ok, other=0)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         lse_lo = tl.load(lse_lo_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         scale = tl.load(grad_scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         x_t = tl.load(x_ptr + row_off + tgt, mask=row_ok, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            x_t, _ = _softcap(x_t, softcap, inv_softcap)
+            x_t = _softcap(x_t, softcap, inv_softcap)[0]
         c_y = tl.full([ROWS], 1.0, tl.float32)
         if HAS_CLASS_WEIGHT:
             c_y = tl.load(cw_ptr + tgt, mask=row_ok, other=0.0).to(tl.float32)
@@ -417,7 +457,8 @@ def _ce_bwd_kernel(
             SMOOTH,
             HAS_CLASS_WEIGHT,
             UNROLL,
-            LANES,
+            THREADS,
+            VEC,
         )
 
 
@@ -425,34 +466,47 @@ def _ce_bwd_kernel(
 # launch configuration
 # ------------------------------------------------------------------------------------------
 
-#: ``(ROWS, UNROLL, num_warps)`` of the autotuned configurations; ``LANES = VEC·32·num_warps``
-#: with ``VEC`` logits per 16-byte load (4 in fp32, 8 in bf16/fp16), so a step covers
-#: ``ROWS × UNROLL·LANES`` logits: one row and 2 or 4 loads in flight per thread for a real
-#: vocabulary (2048–8192 columns a step), four rows of 512–1024 columns for a small one.
-CONFIG_SHAPES = ((1, 2, 8), (1, 4, 8), (1, 2, 16), (4, 1, 4))
-#: the ROWS > 1 configurations are for vocabularies no wider than one step
-SMALL_V = 1024
+#: ``(UNROLL, num_warps)`` of the autotuned configurations, by logit size in bytes: a step
+#: covers ``UNROLL·THREADS·VEC`` logits of a row, with ``THREADS = 32·num_warps`` and ``VEC``
+#: logits per 16-byte load (4 in fp32, 8 in bf16/fp16), i.e. ``UNROLL`` loads in flight per
+#: thread. Every entry compiles to < 64 registers without spills (benchmarks/results/
+#: triton_ptxas.md): 4 fp32 or 8 bf16/fp16 logits per load, at most 16 logits per thread (8
+#: in the heavy flavours, which keep more values live per logit: label smoothing, class
+#: weights, argmax in CE; softcap and the reverse KL / JSD in KL).
+CONFIG_SHAPES = {4: ((2, 8), (1, 8), (2, 16), (2, 4)), 2: ((2, 8), (1, 8), (2, 16), (1, 4))}
+HEAVY_CONFIG_SHAPES = {4: ((2, 8), (1, 16), (2, 4)), 2: ((1, 8), (1, 4))}
 #: persistent grid: programs per SM (a program is 4–16 warps; ≥ 32 warps resident per SM)
 PROGRAMS_PER_SM = 4
-#: interpreter grid: two programs, so the row striding runs, and nothing is paid per program
+#: interpreter: rows per program step (ROWS; 1 on a GPU) and programs (two, so the striding
+#: runs): its cost is per operation, so it batches rows through the same configuration
+INTERP_ROWS = 32
 INTERP_PROGRAMS = 2
 
 
-def configs_for(dtype: torch.dtype) -> list[triton.Config]:
+def configs_for(dtype: torch.dtype, heavy: bool = False) -> list[triton.Config]:
     """The autotuned configurations for logits of ``dtype`` (see ``CONFIG_SHAPES``)."""
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    size = torch.empty((), dtype=dtype).element_size()
+    shapes = (HEAVY_CONFIG_SHAPES if heavy else CONFIG_SHAPES)[size]
     return [
         triton.Config(
-            dict(ROWS=rows, UNROLL=unroll, LANES=vec * 32 * warps), num_warps=warps, num_stages=1
+            dict(ROWS=1, UNROLL=unroll, THREADS=32 * warps, VEC=16 // size),
+            num_warps=warps,
+            num_stages=1,
         )
-        for rows, unroll, warps in CONFIG_SHAPES
+        for unroll, warps in shapes
     ]
 
 
+def step_width(cfg: triton.Config) -> int:
+    """Columns of a row one vocabulary step of ``cfg`` covers."""
+    return cfg.kwargs["UNROLL"] * cfg.kwargs["THREADS"] * cfg.kwargs["VEC"]
+
+
 def prune_configs(configs: list[triton.Config], V: int) -> list[triton.Config]:
-    """The configurations worth timing for ``V`` columns: the several-row ones up to
-    ``SMALL_V`` columns, the one-row ones above."""
-    return [c for c in configs if (c.kwargs["ROWS"] == 1) == (V > SMALL_V)] or configs
+    """The configurations worth timing for ``V`` columns: those whose step is no wider than
+    the row (or, for a narrow row, the narrowest)."""
+    narrowest = min(step_width(c) for c in configs)
+    return [c for c in configs if step_width(c) <= max(V, narrowest)]
 
 
 def interpreter_config(configs: list[triton.Config], V: int) -> triton.Config:
@@ -492,41 +546,47 @@ def kernel_variant(kernel: Any, interpreted: bool) -> Any:
     return _VARIANTS[key]
 
 
-_TUNERS: dict[tuple[int, torch.dtype], Any] = {}
+_TUNERS: dict[tuple[Any, ...], Any] = {}
 
 
-def launch(kernel: Any, x: Tensor, n_rows: int, V: int, *args: Any, **constexprs: Any) -> None:
+def launch(
+    kernel: Any, x: Tensor, n_rows: int, V: int, *args: Any, heavy: bool = False, **constexprs: Any
+) -> None:
     """Run ``kernel(*args, **constexprs)`` over ``n_rows`` rows of ``V`` columns of ``x`` on a
-    persistent grid (``min(row groups, SMs × PROGRAMS_PER_SM)`` programs, row groups strided).
+    persistent grid (``min(n_rows, SMs × PROGRAMS_PER_SM)`` programs, rows strided).
 
-    On a GPU the configuration is autotuned once per ``(V, dtype)`` (and constexpr flags) by
-    ``triton.autotune`` over :func:`configs_for` (``x`` restored after each timing run, since
-    the kernels write over it); under the interpreter it is :func:`interpreter_config`.
+    On a GPU the configuration is autotuned by ``triton.autotune`` over
+    :func:`configs_for` (``heavy`` flavours: their own list) once per ``V`` and dtype, for each
+    kernel flavour (its constexpr flags); ``x`` is restored after every timing run, since the
+    kernels write over it. Under the interpreter it is :func:`interpreter_config`.
     """
-    configs = configs_for(x.dtype)
+    configs = configs_for(x.dtype, heavy)
     if _interpreted(x.device):
         cfg = interpreter_config(configs, V)
-        grid = (min(triton.cdiv(n_rows, cfg.kwargs["ROWS"]), INTERP_PROGRAMS),)
+        grid = (min(triton.cdiv(n_rows, INTERP_ROWS), INTERP_PROGRAMS),)
         kernel_variant(kernel, True)[grid](
-            *args, **constexprs, **cfg.kwargs, num_warps=cfg.num_warps
+            *args, **constexprs, **{**cfg.kwargs, "ROWS": INTERP_ROWS}, num_warps=cfg.num_warps
         )
         return
-    key = (id(kernel), x.dtype)
+    key = (id(kernel), x.dtype, heavy, *sorted(constexprs.items()))
     if key not in _TUNERS:
         _TUNERS[key] = triton.autotune(
             configs=configs,
             key=["V"],
-            prune_configs_by={
-                "early_config_prune": lambda cs, nargs, **_: prune_configs(cs, nargs["V"])
-            },
+            prune_configs_by={"early_config_prune": _prune_hook},
             restore_value=["x_ptr"],
         )(kernel_variant(kernel, False))
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
 
     def grid(meta: dict[str, Any]) -> tuple[int]:
-        return (min(triton.cdiv(n_rows, meta["ROWS"]), sms * PROGRAMS_PER_SM),)
+        return (min(n_rows, sms * PROGRAMS_PER_SM),)
 
     _TUNERS[key][grid](*args, **constexprs)
+
+
+def _prune_hook(configs: list[triton.Config], nargs: dict[str, Any], **_: Any) -> list:
+    """``triton.autotune``'s early pruning: :func:`prune_configs` at the launch's ``V``."""
+    return prune_configs(configs, nargs["V"])
 
 
 def _check(x: Tensor, **rows: Tensor | None) -> None:
@@ -538,6 +598,11 @@ def _check(x: Tensor, **rows: Tensor | None) -> None:
     for name, t in rows.items():
         if t is not None and (t.shape != (n,) or t.device != x.device):
             raise ValueError(f"{name} must be [{n}] on {x.device}, got {tuple(t.shape)}")
+
+
+def _heavy(math: CERowMath) -> bool:
+    """Options that keep more values live per logit (see ``HEAVY_CONFIG_SHAPES``)."""
+    return math.label_smoothing > 0 or math.argmax
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, float]:
@@ -618,6 +683,7 @@ def ce_forward(
         V,
         x.stride(0),
         *opts["scalars"],
+        heavy=_heavy(math),
         HAS_GRAD=has_grad,
         RETURN_Z=math.z_loss,
         ARGMAX=math.argmax,
@@ -660,6 +726,7 @@ def ce_backward(
         V,
         x.stride(0),
         *opts["scalars"],
+        heavy=_heavy(math),
         **opts["constexprs"],
     )
 
@@ -673,8 +740,8 @@ _DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def config_tag(cfg: triton.Config) -> str:
-    """``R1xU2xW8``: rows per step, loads in flight per thread and warps of a configuration."""
-    return f"R{cfg.kwargs['ROWS']}xU{cfg.kwargs['UNROLL']}xW{cfg.num_warps}"
+    """``U2xW8``: loads in flight per thread and warps of a configuration."""
+    return f"U{cfg.kwargs['UNROLL']}xW{cfg.num_warps}"
 
 
 def ptxas_cases_for(
@@ -684,6 +751,7 @@ def ptxas_cases_for(
     constexprs: dict[str, Any],
     dtype: str,
     aligned_ints: tuple[str, ...] = (),
+    heavy: bool = False,
 ) -> list[dict[str, Any]]:
     """The compile cases (the dicts benchmarks/triton_ptxas.py reads) of the kernel flavour
     ``name`` (``"ce_fwd[bf16,grad=1]"``) for logits of ``dtype``: one per autotuned
@@ -701,7 +769,7 @@ def ptxas_cases_for(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        for cfg in configs_for(_DTYPE_NAMES[dtype])
+        for cfg in configs_for(_DTYPE_NAMES[dtype], heavy)
     ]
 
 
@@ -766,6 +834,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
                         ),
                         dt,
                         ("V", "stride_x"),
+                        heavy=options,
                     )
                 cases += ptxas_cases_for(
                     f"ce_bwd[{dt},softcap={int(softcap)}{tag}]",
@@ -774,6 +843,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
                     dict(HAS_SOFTCAP=softcap, **flags),
                     dt,
                     ("V", "stride_x"),
+                    heavy=options,
                 )
     return cases
 

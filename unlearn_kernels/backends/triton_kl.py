@@ -44,10 +44,22 @@ from .triton_cross_entropy import (
     _softcap_args,
     device_function,
     kernel_variant,
-    launch_config,
     ptxas_case,
     triton_interpreter_active,
 )
+
+
+def launch_config(n, V, interpreted, heavy=False):  # TEMPORARY (old CE launch config)
+    if interpreted:
+        block_v = min(triton.next_power_of_2(V), 8192)
+        block_n = max(1, min(triton.next_power_of_2(n), (1 << 16) // block_v))
+        return block_n, block_v, 4
+    block_v = min(triton.next_power_of_2(V), 2048)
+    block_n = max(1, min(triton.next_power_of_2(n), 2048 // block_v))
+    num_warps = 8 if block_n * block_v >= 2048 else 4
+    if heavy and num_warps == 8:
+        num_warps = 16
+    return block_n, block_v, num_warps
 
 __all__ = ["PTXAS_CASES", "kl_backward", "kl_forward", "kl_topk_backward", "kl_topk_forward"]
 
