@@ -6,7 +6,10 @@ with ``ptxas -v`` to read registers per thread, spills, stack frame and static s
 memory. Triton's reductions use *dynamic* shared memory, which ptxas does not see; that
 figure comes from the compiled kernel's metadata (``shared``). Occupancy is estimated from
 registers and shared memory alone (65,536 registers and 64 resident warps per SM on
-sm_80/sm_90, register allocation granularity 256 per warp).
+sm_80/sm_90, register allocation granularity 256 per warp). Barriers per loop iteration are
+read from the PTX (:func:`loop_barriers`): LLVM annotates every basic block with its innermost
+loop, so the ``bar.sync`` of an innermost loop (the vocabulary or element sweep of every
+kernel here) are those of its blocks.
 
 Discovery: every module ``unlearn_kernels.backends.triton_*`` may define ``PTXAS_CASES``, a
 list of dicts with keys ``name``, ``kernel`` (the ``@triton.jit`` kernel), ``signature``
@@ -64,6 +67,7 @@ class PtxasResult:
     stack: int
     static_smem: int
     dynamic_smem: int
+    loop_barriers: list[int]
     compile_s: float
 
     @property
@@ -80,6 +84,50 @@ class PtxasResult:
         if smem:
             blocks = min(blocks, _SMEM_PER_SM.get(cc, 100 * 1024) // smem)
         return min(blocks * self.num_warps, _MAX_WARPS_PER_SM // self.num_warps * self.num_warps)
+
+
+def loop_barriers(ptx: str) -> list[int]:
+    """``bar.sync``/``barrier.sync`` count of each innermost loop of ``ptx``, in order.
+
+    A basic block starts at a label (``$L__BB0_3:``) or an LLVM fall-through marker
+    (``// %bb.4:``); the comments right after it say whether it heads a loop
+    (``=>This Inner Loop Header``, ``=>This Loop Header``) or sits in one (``in Loop:
+    Header=BB0_3``, the innermost). The barriers of an innermost loop are those of the blocks
+    whose innermost loop it is, i.e. the barriers one iteration executes on its longest path
+    or fewer.
+    """
+    blocks: list[dict[str, Any]] = []
+    for line in ptx.splitlines():
+        start = re.match(r"^(?:\$L__(BB\d+_\d+):|// %(bb\.\d+):)", line)
+        if start:
+            blocks.append(dict(name=start.group(1) or start.group(2), notes="", bars=0, body=0))
+        if not blocks:
+            continue
+        block = blocks[-1]
+        code, _, comment = line.partition("//")
+        if code.strip() and not start:
+            block["body"] += 1
+            block["bars"] += bool(re.search(r"\b(bar|barrier)\.sync\b", code))
+        elif not block["body"]:
+            block["notes"] += " " + comment
+    inner: dict[str, int] = {}
+    member: dict[str, str] = {}
+    for block in blocks:
+        notes = block["notes"]
+        if re.search(r"This\s+Inner Loop Header", notes):
+            inner[block["name"]] = 0
+            member[block["name"]] = block["name"]
+        elif "Loop Header" in notes:
+            member[block["name"]] = block["name"]
+        else:
+            found = re.search(r"in Loop: Header=(\S+) Depth", notes)
+            if found:
+                member[block["name"]] = found.group(1)
+    for block in blocks:
+        header = member.get(block["name"])
+        if header in inner:
+            inner[header] += block["bars"]
+    return list(inner.values())
 
 
 def find_ptxas() -> str | None:
@@ -194,6 +242,7 @@ def compile_case(case: dict[str, Any], cc: int, ptxas: str | None = None) -> Ptx
         arch=arch,
         num_warps=case["num_warps"],
         dynamic_smem=int(compiled.metadata.shared or 0),
+        loop_barriers=loop_barriers(compiled.asm["ptx"]),
         compile_s=elapsed,
         **_parse_ptxas(run.stdout + run.stderr),
     )
@@ -239,6 +288,7 @@ def format_table(results: list[PtxasResult]) -> str:
     head = ["kernel", "warps"]
     for arch in archs:
         head += [f"{arch} regs", f"{arch} spill st/ld", f"{arch} smem", f"{arch} warps/SM"]
+        head += [f"{arch} bar.sync/iter"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in names:
         first = by_key[(name, archs[0])]
@@ -247,7 +297,7 @@ def format_table(results: list[PtxasResult]) -> str:
             r = by_key[(name, arch)]
             smem = f"{r.static_smem}+{r.dynamic_smem}"
             row += [str(r.registers), f"{r.spill_stores}/{r.spill_loads}", smem]
-            row += [str(r.occupancy_warps)]
+            row += [str(r.occupancy_warps), "/".join(map(str, r.loop_barriers)) or "-"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -262,7 +312,10 @@ def _tool_versions(ptxas: str) -> str:
 
 def write_report(results: list[PtxasResult], command: str, ptxas: str, path: Path) -> None:
     """Write the markdown report with the command that produced it."""
-    configs = sorted({f"{c['kernel'].__name__}: {_constexpr_text(c)}" for c in discover_cases()})
+    configs = sorted(
+        {f"{c['kernel'].__name__}: {_constexpr_text(c)}" for c in discover_cases()}
+        - {f"{c['kernel'].__name__}: " for c in discover_cases()}
+    )
     text = [
         "# Triton kernels: ahead-of-time resources (ptxas -v)",
         "",

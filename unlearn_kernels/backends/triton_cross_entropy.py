@@ -466,15 +466,15 @@ def _ce_bwd_kernel(
 # launch configuration
 # ------------------------------------------------------------------------------------------
 
-#: ``(UNROLL, num_warps)`` of the autotuned configurations, by logit size in bytes: a step
-#: covers ``UNROLL·THREADS·VEC`` logits of a row, with ``THREADS = 32·num_warps`` and ``VEC``
-#: logits per 16-byte load (4 in fp32, 8 in bf16/fp16), i.e. ``UNROLL`` loads in flight per
-#: thread. Every entry compiles to < 64 registers without spills (benchmarks/results/
-#: triton_ptxas.md): 4 fp32 or 8 bf16/fp16 logits per load, at most 16 logits per thread (8
-#: in the heavy flavours, which keep more values live per logit: label smoothing, class
-#: weights, argmax in CE; softcap and the reverse KL / JSD in KL).
-CONFIG_SHAPES = {4: ((2, 8), (1, 8), (2, 16), (2, 4)), 2: ((2, 8), (1, 8), (2, 16), (1, 4))}
-HEAVY_CONFIG_SHAPES = {4: ((2, 8), (1, 16), (2, 4)), 2: ((1, 8), (1, 4))}
+#: Autotuned configurations, ``(logits per thread per step, num_warps)`` by logit size in
+#: bytes. A step covers ``UNROLL·THREADS·VEC`` logits of a row with ``THREADS = 32·num_warps``,
+#: ``VEC`` adjacent logits per load (16 bytes: 4 in fp32, 8 in bf16/fp16; fewer only where a
+#: thread takes fewer logits) and ``UNROLL`` loads in flight per thread and input. Every entry
+#: compiles to < 64 registers without spills (benchmarks/results/triton_ptxas.md): light
+#: flavours take up to 16 logits per thread, heavy ones (more values live per logit: label
+#: smoothing, class weights, argmax) 8; KL reads two rows per step, so half of that again.
+CE_SHAPES = {4: ((8, 8), (4, 8), (8, 16), (8, 4)), 2: ((16, 8), (8, 8), (16, 16), (8, 4))}
+CE_HEAVY_SHAPES = {4: ((8, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 4))}
 #: persistent grid: programs per SM (a program is 4–16 warps; ≥ 32 warps resident per SM)
 PROGRAMS_PER_SM = 4
 #: interpreter: rows per program step (ROWS; 1 on a GPU) and programs (two, so the striding
@@ -483,18 +483,15 @@ INTERP_ROWS = 32
 INTERP_PROGRAMS = 2
 
 
-def configs_for(dtype: torch.dtype, heavy: bool = False) -> list[triton.Config]:
-    """The autotuned configurations for logits of ``dtype`` (see ``CONFIG_SHAPES``)."""
+def configs_for(dtype: torch.dtype, shapes: dict[int, tuple]) -> list[triton.Config]:
+    """The autotuned configurations for logits of ``dtype`` from a table like ``CE_SHAPES``."""
     size = torch.empty((), dtype=dtype).element_size()
-    shapes = (HEAVY_CONFIG_SHAPES if heavy else CONFIG_SHAPES)[size]
-    return [
-        triton.Config(
-            dict(ROWS=1, UNROLL=unroll, THREADS=32 * warps, VEC=16 // size),
-            num_warps=warps,
-            num_stages=1,
-        )
-        for unroll, warps in shapes
-    ]
+    configs = []
+    for per_thread, warps in shapes[size]:
+        vec = min(16 // size, per_thread)
+        kwargs = dict(ROWS=1, UNROLL=per_thread // vec, THREADS=32 * warps, VEC=vec)
+        configs.append(triton.Config(kwargs, num_warps=warps, num_stages=1))
+    return configs
 
 
 def step_width(cfg: triton.Config) -> int:
@@ -550,17 +547,23 @@ _TUNERS: dict[tuple[Any, ...], Any] = {}
 
 
 def launch(
-    kernel: Any, x: Tensor, n_rows: int, V: int, *args: Any, heavy: bool = False, **constexprs: Any
+    kernel: Any,
+    shapes: dict[int, tuple],
+    x: Tensor,
+    n_rows: int,
+    V: int,
+    *args: Any,
+    **constexprs: Any,
 ) -> None:
     """Run ``kernel(*args, **constexprs)`` over ``n_rows`` rows of ``V`` columns of ``x`` on a
     persistent grid (``min(n_rows, SMs × PROGRAMS_PER_SM)`` programs, rows strided).
 
     On a GPU the configuration is autotuned by ``triton.autotune`` over
-    :func:`configs_for` (``heavy`` flavours: their own list) once per ``V`` and dtype, for each
-    kernel flavour (its constexpr flags); ``x`` is restored after every timing run, since the
-    kernels write over it. Under the interpreter it is :func:`interpreter_config`.
+    :func:`configs_for` ``(x.dtype, shapes)`` once per ``V`` and dtype, for each kernel flavour
+    (its constexpr flags); ``x`` is restored after every timing run, since the kernels write
+    over it. Under the interpreter it is :func:`interpreter_config`.
     """
-    configs = configs_for(x.dtype, heavy)
+    configs = configs_for(x.dtype, shapes)
     if _interpreted(x.device):
         cfg = interpreter_config(configs, V)
         grid = (min(triton.cdiv(n_rows, INTERP_ROWS), INTERP_PROGRAMS),)
@@ -568,7 +571,7 @@ def launch(
             *args, **constexprs, **{**cfg.kwargs, "ROWS": INTERP_ROWS}, num_warps=cfg.num_warps
         )
         return
-    key = (id(kernel), x.dtype, heavy, *sorted(constexprs.items()))
+    key = (id(kernel), x.dtype, id(shapes), *sorted(constexprs.items()))
     if key not in _TUNERS:
         _TUNERS[key] = triton.autotune(
             configs=configs,
@@ -600,9 +603,9 @@ def _check(x: Tensor, **rows: Tensor | None) -> None:
             raise ValueError(f"{name} must be [{n}] on {x.device}, got {tuple(t.shape)}")
 
 
-def _heavy(math: CERowMath) -> bool:
-    """Options that keep more values live per logit (see ``HEAVY_CONFIG_SHAPES``)."""
-    return math.label_smoothing > 0 or math.argmax
+def _shapes(math: CERowMath) -> dict[int, tuple]:
+    """``CE_HEAVY_SHAPES`` for the options that keep more values live per logit."""
+    return CE_HEAVY_SHAPES if math.label_smoothing > 0 or math.argmax else CE_SHAPES
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, float]:
@@ -667,6 +670,7 @@ def ce_forward(
     opts = _options(math, class_weight, V, lse)
     launch(
         _ce_fwd_kernel,
+        _shapes(math),
         x,
         n,
         V,
@@ -683,7 +687,6 @@ def ce_forward(
         V,
         x.stride(0),
         *opts["scalars"],
-        heavy=_heavy(math),
         HAS_GRAD=has_grad,
         RETURN_Z=math.z_loss,
         ARGMAX=math.argmax,
@@ -713,6 +716,7 @@ def ce_backward(
     opts = _options(math, class_weight, V, hi)
     launch(
         _ce_bwd_kernel,
+        _shapes(math),
         x,
         n,
         V,
@@ -726,7 +730,6 @@ def ce_backward(
         V,
         x.stride(0),
         *opts["scalars"],
-        heavy=_heavy(math),
         **opts["constexprs"],
     )
 
@@ -740,8 +743,8 @@ _DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 
 
 def config_tag(cfg: triton.Config) -> str:
-    """``U2xW8``: loads in flight per thread and warps of a configuration."""
-    return f"U{cfg.kwargs['UNROLL']}xW{cfg.num_warps}"
+    """``U2xV4xW8``: loads in flight per thread and input, logits per load, warps."""
+    return f"U{cfg.kwargs['UNROLL']}xV{cfg.kwargs['VEC']}xW{cfg.num_warps}"
 
 
 def ptxas_cases_for(
@@ -750,8 +753,8 @@ def ptxas_cases_for(
     signature: dict[str, str],
     constexprs: dict[str, Any],
     dtype: str,
-    aligned_ints: tuple[str, ...] = (),
-    heavy: bool = False,
+    aligned_ints: tuple[str, ...],
+    shapes: dict[int, tuple],
 ) -> list[dict[str, Any]]:
     """The compile cases (the dicts benchmarks/triton_ptxas.py reads) of the kernel flavour
     ``name`` (``"ce_fwd[bf16,grad=1]"``) for logits of ``dtype``: one per autotuned
@@ -769,7 +772,7 @@ def ptxas_cases_for(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        for cfg in configs_for(_DTYPE_NAMES[dtype], heavy)
+        for cfg in configs_for(_DTYPE_NAMES[dtype], shapes)
     ]
 
 
@@ -834,7 +837,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
                         ),
                         dt,
                         ("V", "stride_x"),
-                        heavy=options,
+                        CE_HEAVY_SHAPES if options else CE_SHAPES,
                     )
                 cases += ptxas_cases_for(
                     f"ce_bwd[{dt},softcap={int(softcap)}{tag}]",
@@ -843,7 +846,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
                     dict(HAS_SOFTCAP=softcap, **flags),
                     dt,
                     ("V", "stride_x"),
-                    heavy=options,
+                    CE_HEAVY_SHAPES if options else CE_SHAPES,
                 )
     return cases
 

@@ -40,30 +40,19 @@ from unlearn_kernels._options import KLRowMath
 
 from .triton_cross_entropy import (
     _cast_rne,
+    _cols,
+    _per_row,
+    _per_thread,
+    _row_group,
     _softcap,
     _softcap_args,
+    _thread_max,
+    _thread_merge,
+    _thread_sum,
     device_function,
-    kernel_variant,
-    ptxas_case,
-    triton_interpreter_active,
+    launch,
+    ptxas_cases_for,
 )
-
-
-def launch_config(n, V, interpreted, heavy=False):  # TEMPORARY (old CE launch config)
-    if interpreted:
-        block_v = min(triton.next_power_of_2(V), 8192)
-        block_n = max(1, min(triton.next_power_of_2(n), (1 << 16) // block_v))
-        return block_n, block_v, 4
-    block_v = min(triton.next_power_of_2(V), 2048)
-    block_n = max(1, min(triton.next_power_of_2(n), 2048 // block_v))
-    num_warps = 8 if block_n * block_v >= 2048 else 4
-    if heavy and num_warps == 8:
-        num_warps = 16
-    return block_n, block_v, num_warps
-
-__all__ = ["PTXAS_CASES", "kl_backward", "kl_forward", "kl_topk_backward", "kl_topk_forward"]
-
-NEG_INF = float("-inf")
 
 
 @device_function
@@ -83,13 +72,22 @@ def _undefined(value):
 
 @device_function
 def _online(m, s, z):
-    """Fold a ``[BLOCK_N, BLOCK_V]`` tile ``z`` into running ``(max, Σ e^{z − max})``; returns
-    the new pair and the tile's ``e^{z − max}`` and the rescale factor of the old sum."""
-    m_new = tl.maximum(m, tl.max(z, axis=1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing finite yet
+    """Fold tile ``z`` into per-thread running ``(max, Σ e^{z − max})`` (``[ROWS, THREADS]``)
+    without leaving the thread; returns the new pair, the tile's ``e^{z − max}`` and the
+    rescale factor of the old sum."""
+    m_new = tl.maximum(m, _thread_max(z))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing finite yet
     alpha = tl.exp(m - shift)
-    e = tl.exp(z - shift[:, None])
-    return m_new, s * alpha + tl.sum(e, axis=1), e, alpha
+    e = tl.exp(z - _per_thread(shift))
+    return m_new, s * alpha + _thread_sum(e), e, alpha
+
+
+@device_function
+def _rescaled_sum(a, m, m_row):
+    """``Σ_threads a · e^{m − m_row}``: per-thread sums kept relative to the thread's max ``m``
+    brought to the row's max ``m_row``."""
+    shift = tl.where(m_row == float("-inf"), 0.0, m_row)
+    return tl.sum(a * tl.exp(m - shift[:, None]), axis=1)
 
 
 @device_function
@@ -126,14 +124,36 @@ def _jsd_logs(d, lb, l1b):
 @device_function
 def _div_grad(q, p, d, k, lb, l1b, beta, DIV: tl.constexpr):
     """``∂D/∂z`` per logit: forward ``q − p``, reverse ``q (d − K)``, JSD
-    ``(1 − β) q (log q − log m − K)`` (0 where ``q = 0``)."""
+    ``(1 − β) q (log q − log m − K)`` (0 where ``q = 0``); ``K`` per row."""
     if DIV == 0:
         return q - p
     elif DIV == 1:
-        return tl.where(q > 0.0, q * (d - k[:, None]), 0.0)
+        return tl.where(q > 0.0, q * (d - _per_row(k)), 0.0)
     else:
         _, log_q_m = _jsd_logs(d, lb, l1b)
-        return (1.0 - beta) * tl.where(q > 0.0, q * (log_q_m - k[:, None]), 0.0)
+        return (1.0 - beta) * tl.where(q > 0.0, q * (log_q_m - _per_row(k)), 0.0)
+
+
+@device_function
+def _pair_tile(
+    x_ptr,
+    xr_ptr,
+    off_x,
+    off_r,
+    mask,
+    cols,
+    inv_tau,
+    softcap,
+    inv_softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    CAP_REF: tl.constexpr,
+):
+    """A step's student and reference ``(z, sech², z_r)`` (fp32; masked entries 0)."""
+    x = tl.load(x_ptr + _per_row(off_x) + cols, mask=mask, other=0.0).to(tl.float32)
+    xr = tl.load(xr_ptr + _per_row(off_r) + cols, mask=mask, other=0.0).to(tl.float32)
+    z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+    zr = _z(xr, inv_tau, softcap, inv_softcap, CAP_REF)[0]
+    return z, dz, zr
 
 
 @triton.jit
@@ -159,91 +179,189 @@ def _kl_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     CAP_REF: tl.constexpr,
     DIV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per-row divergence (DIV 0 forward KL, 1 reverse KL, 2 JSD), fp64 log-normalisers and
-    centre; with ``HAS_GRAD`` the gradient over ``x``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    off_x = rows.to(tl.int64) * stride_x
-    off_r = rows.to(tl.int64) * stride_r
-    cols0 = tl.arange(0, BLOCK_V)
-    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    m_r = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_N], tl.float32)
-    r = tl.zeros([BLOCK_N], tl.float32)
-    a = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-        z, _ = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-        zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
-        z = tl.where(mask, z, float("-inf"))
-        zr = tl.where(mask, zr, float("-inf"))
-        m, s, e, alpha = _online(m, s, z)
-        m_r, r, e_r, alpha_r = _online(m_r, r, zr)
-        # forward: A = Σ e_r (z_r − z); reverse: A = Σ e (z − z_r) (p = 0 gives +inf there)
+    centre; with ``HAS_GRAD`` the gradient over ``x``. Persistent over row groups."""
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows, row_ok, off_x = _row_group(group, n_rows, stride_x, ROWS)
+        off_r = rows.to(tl.int64) * stride_r
+        # per-thread running maxima, rescaled sums and A (see the module docstring)
+        m = tl.full([ROWS, THREADS], float("-inf"), tl.float32)
+        m_r = tl.full([ROWS, THREADS], float("-inf"), tl.float32)
+        s = tl.zeros([ROWS, THREADS], tl.float32)
+        r = tl.zeros([ROWS, THREADS], tl.float32)
+        a = tl.zeros([ROWS, THREADS], tl.float32)
+        for start in range(0, V, UNROLL * THREADS * VEC):
+            cols = _cols(start, UNROLL, THREADS, VEC)
+            mask = _per_row(row_ok) & (cols < V)
+            z, _dz, zr = _pair_tile(
+                x_ptr,
+                xr_ptr,
+                off_x,
+                off_r,
+                mask,
+                cols,
+                inv_tau,
+                softcap,
+                inv_softcap,
+                HAS_SOFTCAP,
+                CAP_REF,
+            )
+            z = tl.where(mask, z, float("-inf"))
+            zr = tl.where(mask, zr, float("-inf"))
+            m, s, e, alpha = _online(m, s, z)
+            m_r, r, e_r, alpha_r = _online(m_r, r, zr)
+            # forward: A = Σ e_r (z_r − z); reverse: A = Σ e (z − z_r) (p = 0 gives +inf there)
+            if DIV == 0:
+                a = a * alpha_r + _thread_sum(tl.where(e_r > 0.0, e_r * (zr - z), 0.0))
+            elif DIV == 1:
+                a = a * alpha + _thread_sum(tl.where(e > 0.0, e * (z - zr), 0.0))
+        # the threads merged: the one block-wide reduction of the sweep
+        m_t = m
+        m_rt = m_r
+        m, s = _thread_merge(m_t, s)
+        m_r, r = _thread_merge(m_rt, r)
         if DIV == 0:
-            a = a * alpha_r + tl.sum(tl.where(e_r > 0.0, e_r * (zr - z), 0.0), axis=1)
+            a = _rescaled_sum(a, m_rt, m_r)
         elif DIV == 1:
-            a = a * alpha + tl.sum(tl.where(e > 0.0, e * (z - zr), 0.0), axis=1)
-    # padding rows: finite placeholders (never stored)
-    s = tl.where(row_ok, s, 1.0)
-    r = tl.where(row_ok, r, 1.0)
-    m = tl.where(row_ok, m, 0.0)
-    m_r = tl.where(row_ok, m_r, 0.0)
-    log_s = tl.log(s)
-    log_r = tl.log(r)
-    # log q − log p = (z − z_r) + gap
-    gap = (m_r - m) + (log_r - log_s)
-    centre = tl.zeros([BLOCK_N], tl.float32)
-    if DIV == 0:
-        kl = a / r - (m_r - m) - tl.log(r / s)
-    elif DIV == 1:
-        kl = a / s - (m - m_r) - tl.log(s / r)
-        centre = kl
-    else:
-        kl = tl.zeros([BLOCK_N], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=0.0)
-            xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-            z, _ = _z(x.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-            zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
-            q = tl.where(mask, tl.exp((z - m[:, None]) - log_s[:, None]), 0.0)
-            p = tl.where(mask, tl.exp((zr - m_r[:, None]) - log_r[:, None]), 0.0)
-            log_p_m, log_q_m = _jsd_logs((z - zr) + gap[:, None], lb, l1b)
-            q_part = tl.where(q > 0.0, q * log_q_m, 0.0)
-            p_part = tl.where(p > 0.0, p * log_p_m, 0.0)
-            kl += tl.sum(beta * p_part + (1.0 - beta) * q_part, axis=1)
-            centre += tl.sum(q_part, axis=1)
-    lse_ref = m_r.to(tl.float64) + log_r.to(tl.float64)
-    undefined = _undefined(lse_ref)
-    tl.store(kl_ptr + rows, tl.where(undefined, float("nan"), kl), mask=row_ok)
-    tl.store(lse_ptr + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
-    tl.store(lse_ref_ptr + rows, lse_ref, mask=row_ok)
-    tl.store(centre_ptr + rows, centre.to(tl.float64), mask=row_ok)
-    if HAS_GRAD:
-        # an undefined reference row: a NaN factor makes its whole gradient row NaN
-        coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
-        coef = tl.where(undefined, float("nan"), coef)
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            mask = row_ok[:, None] & (cols < V)[None, :]
-            ptrs = x_ptr + off_x[:, None] + cols[None, :]
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-            z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-            zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
-            q = tl.exp((z - m[:, None]) - log_s[:, None])
-            p = tl.exp((zr - m_r[:, None]) - log_r[:, None])
-            g = _div_grad(q, p, (z - zr) + gap[:, None], centre, lb, l1b, beta, DIV)
-            g = g * coef[:, None] * dz
-            tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
+            a = _rescaled_sum(a, m_t, m)
+        # padding rows: finite placeholders (never stored)
+        s = tl.where(row_ok, s, 1.0)
+        r = tl.where(row_ok, r, 1.0)
+        m = tl.where(row_ok, m, 0.0)
+        m_r = tl.where(row_ok, m_r, 0.0)
+        log_s = tl.log(s)
+        log_r = tl.log(r)
+        # log q − log p = (z − z_r) + gap
+        gap = (m_r - m) + (log_r - log_s)
+        centre = tl.zeros([ROWS], tl.float32)
+        if DIV == 0:
+            kl = a / r - (m_r - m) - tl.log(r / s)
+        elif DIV == 1:
+            kl = a / s - (m - m_r) - tl.log(s / r)
+            centre = kl
+        else:
+            kl_t = tl.zeros([ROWS, THREADS], tl.float32)
+            centre_t = tl.zeros([ROWS, THREADS], tl.float32)
+            for start in range(0, V, UNROLL * THREADS * VEC):
+                cols = _cols(start, UNROLL, THREADS, VEC)
+                mask = _per_row(row_ok) & (cols < V)
+                z, _dz, zr = _pair_tile(
+                    x_ptr,
+                    xr_ptr,
+                    off_x,
+                    off_r,
+                    mask,
+                    cols,
+                    inv_tau,
+                    softcap,
+                    inv_softcap,
+                    HAS_SOFTCAP,
+                    CAP_REF,
+                )
+                q = tl.where(mask, tl.exp((z - _per_row(m)) - _per_row(log_s)), 0.0)
+                p = tl.where(mask, tl.exp((zr - _per_row(m_r)) - _per_row(log_r)), 0.0)
+                log_p_m, log_q_m = _jsd_logs((z - zr) + _per_row(gap), lb, l1b)
+                q_part = tl.where(q > 0.0, q * log_q_m, 0.0)
+                p_part = tl.where(p > 0.0, p * log_p_m, 0.0)
+                kl_t += _thread_sum(beta * p_part + (1.0 - beta) * q_part)
+                centre_t += _thread_sum(q_part)
+            kl = tl.sum(kl_t, axis=1)
+            centre = tl.sum(centre_t, axis=1)
+        lse_ref = m_r.to(tl.float64) + log_r.to(tl.float64)
+        undefined = _undefined(lse_ref)
+        tl.store(kl_ptr + rows, tl.where(undefined, float("nan"), kl), mask=row_ok)
+        tl.store(lse_ptr + rows, m.to(tl.float64) + log_s.to(tl.float64), mask=row_ok)
+        tl.store(lse_ref_ptr + rows, lse_ref, mask=row_ok)
+        tl.store(centre_ptr + rows, centre.to(tl.float64), mask=row_ok)
+        if HAS_GRAD:
+            # an undefined reference row: a NaN factor makes its whole gradient row NaN
+            coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+            coef = tl.where(undefined, float("nan"), coef)
+            _kl_write_grad(
+                x_ptr,
+                xr_ptr,
+                row_ok,
+                off_x,
+                off_r,
+                V,
+                m,
+                log_s,
+                m_r,
+                log_r,
+                gap,
+                centre,
+                coef,
+                inv_tau,
+                softcap,
+                inv_softcap,
+                lb,
+                l1b,
+                beta,
+                HAS_SOFTCAP,
+                CAP_REF,
+                DIV,
+                UNROLL,
+                THREADS,
+                VEC,
+            )
+
+
+@device_function
+def _kl_write_grad(
+    x_ptr,
+    xr_ptr,
+    row_ok,
+    off_x,
+    off_r,
+    V,
+    hi,
+    lo,
+    hi_r,
+    lo_r,
+    gap,
+    centre,
+    coef,
+    inv_tau,
+    softcap,
+    inv_softcap,
+    lb,
+    l1b,
+    beta,
+    HAS_SOFTCAP: tl.constexpr,
+    CAP_REF: tl.constexpr,
+    DIV: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
+):
+    """One sweep writing ``x ← coef·∂D/∂z·sech²`` with ``q = e^{(z − hi) − lo}``,
+    ``p = e^{(z_r − hi_r) − lo_r}`` and ``log q − log p = (z − z_r) + gap``."""
+    for start in range(0, V, UNROLL * THREADS * VEC):
+        cols = _cols(start, UNROLL, THREADS, VEC)
+        mask = _per_row(row_ok) & (cols < V)
+        z, dz, zr = _pair_tile(
+            x_ptr,
+            xr_ptr,
+            off_x,
+            off_r,
+            mask,
+            cols,
+            inv_tau,
+            softcap,
+            inv_softcap,
+            HAS_SOFTCAP,
+            CAP_REF,
+        )
+        q = tl.exp((z - _per_row(hi)) - _per_row(lo))
+        p = tl.exp((zr - _per_row(hi_r)) - _per_row(lo_r))
+        g = _div_grad(q, p, (z - zr) + _per_row(gap), centre, lb, l1b, beta, DIV)
+        g = g * _per_row(coef) * dz
+        tl.store(x_ptr + _per_row(off_x) + cols, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -267,42 +385,57 @@ def _kl_bwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     CAP_REF: tl.constexpr,
     DIV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Recompute mode: ``x ← s ∂D/∂x`` from the saved fp64 log-normalisers and centre."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    off_x = rows.to(tl.int64) * stride_x
-    off_r = rows.to(tl.int64) * stride_r
-    cols0 = tl.arange(0, BLOCK_V)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-    lse_ref = tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-    hi, lo = _split(lse)
-    hi_r, lo_r = _split(lse_ref)
-    gap = (lse_ref - lse).to(tl.float32)
-    centre = tl.load(centre_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
-    coef = tl.where(_undefined(lse_ref), float("nan"), coef)  # an undefined row: all NaN
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        ptrs = x_ptr + off_x[:, None] + cols[None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        xr = tl.load(xr_ptr + off_r[:, None] + cols[None, :], mask=mask, other=0.0)
-        z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-        zr, _ = _z(xr.to(tl.float32), inv_tau, softcap, inv_softcap, CAP_REF)
-        q = tl.exp((z - hi[:, None]) - lo[:, None])
-        p = tl.exp((zr - hi_r[:, None]) - lo_r[:, None])
-        g = _div_grad(q, p, (z - zr) + gap[:, None], centre, lb, l1b, beta, DIV)
-        g = g * coef[:, None] * dz
-        tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows, row_ok, off_x = _row_group(group, n_rows, stride_x, ROWS)
+        off_r = rows.to(tl.int64) * stride_r
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+        lse_ref = tl.load(lse_ref_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
+        hi, lo = _split(lse)
+        hi_r, lo_r = _split(lse_ref)
+        gap = (lse_ref - lse).to(tl.float32)
+        centre = tl.load(centre_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
+        coef = tl.where(_undefined(lse_ref), float("nan"), coef)  # an undefined row: all NaN
+        _kl_write_grad(
+            x_ptr,
+            xr_ptr,
+            row_ok,
+            off_x,
+            off_r,
+            V,
+            hi,
+            lo,
+            hi_r,
+            lo_r,
+            gap,
+            centre,
+            coef,
+            inv_tau,
+            softcap,
+            inv_softcap,
+            lb,
+            l1b,
+            beta,
+            HAS_SOFTCAP,
+            CAP_REF,
+            DIV,
+            UNROLL,
+            THREADS,
+            VEC,
+        )
 
 
 @device_function
-def _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K: tl.constexpr):
-    """Offsets, mask and token ids of top-k columns ``[kb, kb + BLOCK_K)`` of the rows."""
-    kcols = kb + tl.arange(0, BLOCK_K)
+def _topk_tile(idx_ptr, rows, row_ok, K, BLOCK_K: tl.constexpr):
+    """Offsets, mask and token ids ``[ROWS, BLOCK_K]`` of the rows' top-k columns (``K ≤
+    BLOCK_K``: all of them at once)."""
+    kcols = tl.arange(0, BLOCK_K)
     kmask = row_ok[:, None] & (kcols < K)[None, :]
     koff = rows.to(tl.int64)[:, None] * K + kcols[None, :]
     idx = tl.load(idx_ptr + koff, mask=kmask, other=0)
@@ -317,11 +450,21 @@ def _tail_shift(lt, lse_tail):
 
 
 @device_function
+def _topk_save(x_ptr, idx_ptr, saved_ptr, rows, row_ok, off_x, K, BLOCK_K: tl.constexpr):
+    """Copy the rows' top-k logits to ``saved``; returns the tile of :func:`_topk_tile`."""
+    koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, BLOCK_K)
+    xk = tl.load(x_ptr + off_x[:, None] + idx, mask=kmask, other=0.0)
+    tl.store(saved_ptr + koff, xk, mask=kmask)
+    return koff, kmask, idx, xk
+
+
+@device_function
 def _topk_write_grad(
     x_ptr,
     idx_ptr,
     lp_ptr,
     lt_ptr,
+    mass_ptr,
     lse_ptr,
     lse_tail_ptr,
     scale_ptr,
@@ -334,47 +477,45 @@ def _topk_write_grad(
     inv_tau,
     softcap,
     inv_softcap,
-    cols0,
     HAS_SOFTCAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Gradient of the top-k KL over whole rows, from the saved top-k logits and the stored
     ``lse``/``lse_t`` (re-read: nothing per-row stays live from the loss computation):
     ``x_v ← c·(P e^{z_v − lse} − e^{z_v − (lse_t − log p_t)})``, then the top-k entries
-    ``x_k ← c·(P e^{z_k − lse} − p_k)``, with ``c = s/τ`` and ``P = Σ_K p_k + p_t``."""
-    lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
-    total = tl.exp(lt)
-    for kb in range(0, K, BLOCK_K):
-        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
-        total += tl.sum(tl.exp(lp), axis=1)
+    ``x_k ← c·(P e^{z_k − lse} − p_k)``, with ``c = s/τ`` and ``P = Σ_K p_k + p_t`` (``mass``,
+    formed by the launcher: per-row values from a top-k reduction would need a layout
+    conversion, through shared memory, to meet the vocabulary tiles)."""
+    total = tl.load(mass_ptr + rows, mask=row_ok, other=0.0)
     coef = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_tau
     coef = tl.where(_undefined(total), float("nan"), coef)  # an undefined row: all NaN
     total = total.to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     hi, lo = _split(lse)
+    lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
     lse_tail = tl.load(lse_tail_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
     hi_t, lo_t = _split(_tail_shift(lt, lse_tail))
     c1 = coef * total
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        ptrs = x_ptr + off_x[:, None] + cols[None, :]
+    for start in range(0, V, UNROLL * THREADS * VEC):
+        cols = _cols(start, UNROLL, THREADS, VEC)
+        mask = _per_row(row_ok) & (cols < V)
+        ptrs = x_ptr + _per_row(off_x) + cols
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         z, dz = _z(x, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-        g = c1[:, None] * tl.exp((z - hi[:, None]) - lo[:, None])
-        g = (g - coef[:, None] * tl.exp((z - hi_t[:, None]) - lo_t[:, None])) * dz
+        g = _per_row(c1) * tl.exp((z - _per_row(hi)) - _per_row(lo))
+        g = (g - _per_row(coef) * tl.exp((z - _per_row(hi_t)) - _per_row(lo_t))) * dz
         tl.store(ptrs, _cast_rne(g, x_ptr.dtype.element_ty), mask=mask)
     tl.debug_barrier()
-    for kb in range(0, K, BLOCK_K):
-        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        zk, dk = _z(xk, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float32)
-        g = total[:, None] * tl.exp((zk - hi[:, None]) - lo[:, None]) - tl.exp(lp)
-        g = g * coef[:, None] * dk
-        tl.store(x_ptr + off_x[:, None] + idx, _cast_rne(g, x_ptr.dtype.element_ty), mask=kmask)
+    koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, BLOCK_K)
+    lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float32)
+    xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
+    zk, dk = _z(xk, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+    g = total[:, None] * tl.exp((zk - hi[:, None]) - lo[:, None]) - tl.exp(lp)
+    g = g * coef[:, None] * dk
+    tl.store(x_ptr + off_x[:, None] + idx, _cast_rne(g, x_ptr.dtype.element_ty), mask=kmask)
 
 
 @triton.jit
@@ -383,6 +524,7 @@ def _kl_topk_fwd_kernel(
     idx_ptr,
     lp_ptr,
     lt_ptr,
+    mass_ptr,
     scale_ptr,
     saved_ptr,
     kl_ptr,
@@ -397,88 +539,88 @@ def _kl_topk_fwd_kernel(
     inv_softcap,
     HAS_GRAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Per-row top-k KL, fp64 ``lse``/``lse_t``; with ``HAS_GRAD`` the gradient over ``x``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    off_x = rows.to(tl.int64) * stride_x
-    cols0 = tl.arange(0, BLOCK_V)
-    # 1. save the top-k logits, mask them with −inf, fold them into (m_k, s_k)
-    m_k = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s_k = tl.zeros([BLOCK_N], tl.float32)
-    for kb in range(0, K, BLOCK_K):
-        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        xk = tl.load(x_ptr + off_x[:, None] + idx, mask=kmask, other=0.0)
-        tl.store(saved_ptr + koff, xk, mask=kmask)
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows, row_ok, off_x = _row_group(group, n_rows, stride_x, ROWS)
+        # 1. save the top-k logits, mask them with −inf, their (m_k, s_k)
+        koff, kmask, idx, xk = _topk_save(
+            x_ptr, idx_ptr, saved_ptr, rows, row_ok, off_x, K, BLOCK_K
+        )
         neg_inf = tl.full(xk.shape, float("-inf"), tl.float32)
         tl.store(x_ptr + off_x[:, None] + idx, neg_inf.to(x_ptr.dtype.element_ty), mask=kmask)
         zk = _z(xk.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)[0]
-        zk = tl.where(kmask, zk, float("-inf"))
-        m_k, s_k, _, _ = _online(m_k, s_k, zk)
-    tl.debug_barrier()
-    # 2. the tail: every −inf entry contributes 0
-    m_t = tl.full([BLOCK_N], float("-inf"), tl.float32)
-    s_t = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        x = tl.load(x_ptr + off_x[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        z = _z_masked(x.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
-        m_t, s_t, _, _ = _online(m_t, s_t, z)
-    lse_tail = tl.where(s_t > 0.0, m_t.to(tl.float64) + tl.log(s_t).to(tl.float64), float("-inf"))
-    s_k = tl.where(row_ok, s_k, 1.0)
-    m_k = tl.where(row_ok, m_k, 0.0)
-    lse_k = m_k.to(tl.float64) + tl.log(s_k).to(tl.float64)
-    top = tl.maximum(lse_k, lse_tail)
-    lse = top + tl.log(1.0 + tl.exp(tl.minimum(lse_k, lse_tail) - top))
-    # 3. the k + 1 loss terms, in fp64
-    lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
-    p_t = tl.exp(lt)
-    total = p_t
-    loss = tl.where(p_t > 0.0, p_t * (lt - (lse_tail - lse)), 0.0)
-    for kb in range(0, K, BLOCK_K):
-        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32)
-        zk = _z(xk, inv_tau, softcap, inv_softcap, HAS_SOFTCAP)[0]
-        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
-        p = tl.exp(lp)
-        terms = tl.where(p > 0.0, p * (lp - (zk.to(tl.float64) - lse[:, None])), 0.0)
-        loss += tl.sum(terms, axis=1)
-        total += tl.sum(p, axis=1)
-    loss = tl.where(_undefined(total), float("nan"), loss)
-    tl.store(kl_ptr + rows, loss.to(tl.float32), mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
-    tl.store(lse_tail_ptr + rows, lse_tail, mask=row_ok)
-    if HAS_GRAD:
+        m_k, s_k = _thread_merge(tl.where(kmask, zk, float("-inf")), tl.where(kmask, 1.0, 0.0))
         tl.debug_barrier()
-        _topk_write_grad(
-            x_ptr,
-            idx_ptr,
-            lp_ptr,
-            lt_ptr,
-            lse_ptr,
-            lse_tail_ptr,
-            scale_ptr,
-            saved_ptr,
-            rows,
-            row_ok,
-            off_x,
-            V,
-            K,
+        # 2. the tail: every −inf entry contributes 0
+        m_t = tl.full([ROWS, THREADS], float("-inf"), tl.float32)
+        s_t = tl.zeros([ROWS, THREADS], tl.float32)
+        for start in range(0, V, UNROLL * THREADS * VEC):
+            cols = _cols(start, UNROLL, THREADS, VEC)
+            mask = _per_row(row_ok) & (cols < V)
+            x = tl.load(x_ptr + _per_row(off_x) + cols, mask=mask, other=float("-inf"))
+            z = _z_masked(x.to(tl.float32), inv_tau, softcap, inv_softcap, HAS_SOFTCAP)
+            m_t, s_t, _e, _alpha = _online(m_t, s_t, z)
+        m_t, s_t = _thread_merge(m_t, s_t)
+        lse_tail = tl.where(
+            s_t > 0.0, m_t.to(tl.float64) + tl.log(s_t).to(tl.float64), float("-inf")
+        )
+        s_k = tl.where(row_ok, s_k, 1.0)
+        m_k = tl.where(row_ok, m_k, 0.0)
+        lse_k = m_k.to(tl.float64) + tl.log(s_k).to(tl.float64)
+        top = tl.maximum(lse_k, lse_tail)
+        lse = top + tl.log(1.0 + tl.exp(tl.minimum(lse_k, lse_tail) - top))
+        # 3. the k + 1 loss terms, in fp64
+        lt = tl.load(lt_ptr + rows, mask=row_ok, other=float("-inf")).to(tl.float64)
+        p_t = tl.exp(lt)
+        zk = _z(
+            tl.load(saved_ptr + koff, mask=kmask, other=0.0).to(tl.float32),
             inv_tau,
             softcap,
             inv_softcap,
-            cols0,
             HAS_SOFTCAP,
-            BLOCK_V,
-            BLOCK_K,
-        )
-    else:
-        for kb in range(0, K, BLOCK_K):
-            koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
+        )[0]
+        lp = tl.load(lp_ptr + koff, mask=kmask, other=float("-inf")).to(tl.float64)
+        p = tl.exp(lp)
+        terms = tl.where(p > 0.0, p * (lp - (zk.to(tl.float64) - lse[:, None])), 0.0)
+        loss = tl.where(p_t > 0.0, p_t * (lt - (lse_tail - lse)), 0.0) + tl.sum(terms, axis=1)
+        mass = tl.load(mass_ptr + rows, mask=row_ok, other=0.0)
+        loss = tl.where(_undefined(mass), float("nan"), loss)
+        tl.store(kl_ptr + rows, loss.to(tl.float32), mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(lse_tail_ptr + rows, lse_tail, mask=row_ok)
+        if HAS_GRAD:
+            tl.debug_barrier()
+            _topk_write_grad(
+                x_ptr,
+                idx_ptr,
+                lp_ptr,
+                lt_ptr,
+                mass_ptr,
+                lse_ptr,
+                lse_tail_ptr,
+                scale_ptr,
+                saved_ptr,
+                rows,
+                row_ok,
+                off_x,
+                V,
+                K,
+                inv_tau,
+                softcap,
+                inv_softcap,
+                HAS_SOFTCAP,
+                BLOCK_K,
+                UNROLL,
+                THREADS,
+                VEC,
+            )
+        else:
             xk = tl.load(saved_ptr + koff, mask=kmask, other=0.0)
             tl.store(x_ptr + off_x[:, None] + idx, xk, mask=kmask)
 
@@ -489,6 +631,7 @@ def _kl_topk_bwd_kernel(
     idx_ptr,
     lp_ptr,
     lt_ptr,
+    mass_ptr,
     lse_ptr,
     lse_tail_ptr,
     scale_ptr,
@@ -501,61 +644,56 @@ def _kl_topk_bwd_kernel(
     softcap,
     inv_softcap,
     HAS_SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
+    UNROLL: tl.constexpr,
+    THREADS: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     """Recompute mode: the top-k gradient over ``x`` from the saved ``lse``/``lse_t``."""
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_rows
-    off_x = rows.to(tl.int64) * stride_x
-    cols0 = tl.arange(0, BLOCK_V)
-    for kb in range(0, K, BLOCK_K):
-        koff, kmask, idx = _topk_tile(idx_ptr, rows, row_ok, K, kb, BLOCK_K)
-        tl.store(saved_ptr + koff, tl.load(x_ptr + off_x[:, None] + idx, mask=kmask), mask=kmask)
-    tl.debug_barrier()
-    _topk_write_grad(
-        x_ptr,
-        idx_ptr,
-        lp_ptr,
-        lt_ptr,
-        lse_ptr,
-        lse_tail_ptr,
-        scale_ptr,
-        saved_ptr,
-        rows,
-        row_ok,
-        off_x,
-        V,
-        K,
-        inv_tau,
-        softcap,
-        inv_softcap,
-        cols0,
-        HAS_SOFTCAP,
-        BLOCK_V,
-        BLOCK_K,
-    )
+    for group in range(tl.program_id(0), tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows, row_ok, off_x = _row_group(group, n_rows, stride_x, ROWS)
+        _topk_save(x_ptr, idx_ptr, saved_ptr, rows, row_ok, off_x, K, BLOCK_K)
+        tl.debug_barrier()
+        _topk_write_grad(
+            x_ptr,
+            idx_ptr,
+            lp_ptr,
+            lt_ptr,
+            mass_ptr,
+            lse_ptr,
+            lse_tail_ptr,
+            scale_ptr,
+            saved_ptr,
+            rows,
+            row_ok,
+            off_x,
+            V,
+            K,
+            inv_tau,
+            softcap,
+            inv_softcap,
+            HAS_SOFTCAP,
+            BLOCK_K,
+            UNROLL,
+            THREADS,
+            VEC,
+        )
 
 
 # ------------------------------------------------------------------------------------------
 # launchers
 # ------------------------------------------------------------------------------------------
 
-# Top-k columns per step: a [BLOCK_N, BLOCK_K] gather; k ≤ 256 is one step on a GPU.
-GPU_BLOCK_K = 256
-INTERP_BLOCK_K = 1024
-
-
-def _interpreted(x: Tensor) -> bool:
-    if triton_interpreter_active():
-        return True
-    if x.device.type != "cuda":
-        raise ValueError(
-            f"the triton backend needs CUDA tensors, got device {x.device}; to run it on CPU "
-            "tensors set TRITON_INTERPRET=1 before triton is first imported"
-        )
-    return False
+#: autotuned configurations (see ``triton_cross_entropy.CE_SHAPES``): the exact kernels read
+#: two rows per step; the heavy flavours are softcap and the reverse KL / JSD (exact), softcap
+#: (top-k)
+KL_SHAPES = {4: ((8, 8), (4, 8), (4, 16)), 2: ((8, 8), (8, 16), (8, 4))}
+KL_HEAVY_SHAPES = {4: ((4, 8), (4, 4)), 2: ((4, 8), (4, 4))}
+TOPK_SHAPES = {4: ((8, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 16), (8, 4))}
+TOPK_HEAVY_SHAPES = {4: ((4, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 4))}
+#: top-k columns are gathered in one ``[ROWS, BLOCK_K]`` tile, ``BLOCK_K = next_pow2(k)``
+BLOCK_K_MAX = 4096
 
 
 def _check_x(x: Tensor, name: str = "x") -> None:
@@ -610,10 +748,13 @@ def kl_forward(
     scalars, constexprs = _math_args(math)
     if n == 0:
         return kl, lse, lse_ref, centre
-    interpreted = _interpreted(x)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted, _heavy(math))
     scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
-    kernel_variant(_kl_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _kl_fwd_kernel,
+        KL_HEAVY_SHAPES if _heavy(math) else KL_SHAPES,
+        x,
+        n,
+        V,
         x,
         x_ref,
         scale,
@@ -628,9 +769,6 @@ def kl_forward(
         *scalars,
         HAS_GRAD=grad_scale is not None,
         **constexprs,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
     )
     return kl, lse, lse_ref, centre
 
@@ -651,9 +789,12 @@ def kl_backward(
     scalars, constexprs = _math_args(math)
     if n == 0:
         return
-    interpreted = _interpreted(x)
-    block_n, block_v, num_warps = launch_config(n, V, interpreted, _heavy(math))
-    kernel_variant(_kl_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _kl_bwd_kernel,
+        KL_HEAVY_SHAPES if _heavy(math) else KL_SHAPES,
+        x,
+        n,
+        V,
         x,
         x_ref,
         _rows(lse, n, torch.float64, "lse"),
@@ -666,9 +807,6 @@ def kl_backward(
         x_ref.stride(0),
         *scalars,
         **constexprs,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        num_warps=num_warps,
     )
 
 
@@ -688,16 +826,19 @@ def _topk_args(x: Tensor, index: Tensor, logprob: Tensor, tail_logprob: Tensor):
 
 
 def _heavy(math: KLRowMath) -> bool:
-    """Softcap or a divergence other than the forward KL (see ``launch_config``)."""
+    """Softcap or a divergence other than the forward KL (``KL_HEAVY_SHAPES``)."""
     return math.softcap is not None or math.beta != 0.0
 
 
-def _topk_config(
-    n: int, V: int, k: int, interpreted: bool, heavy: bool = False
-) -> tuple[int, int, int, int]:
-    block_n, block_v, num_warps = launch_config(n, V, interpreted, heavy)
-    block_k = min(triton.next_power_of_2(k), INTERP_BLOCK_K if interpreted else GPU_BLOCK_K)
-    return block_n, block_v, block_k, num_warps
+def _mass(logprob: Tensor, tail_logprob: Tensor) -> Tensor:
+    """``P = Σ_K p_k + p_t`` per row, float64."""
+    return logprob.double().exp().sum(1) + tail_logprob.double().exp()
+
+
+def _block_k(k: int) -> int:
+    if k > BLOCK_K_MAX:
+        raise ValueError(f"the triton backend takes k <= {BLOCK_K_MAX} top-k ids, got k={k}")
+    return triton.next_power_of_2(k)
 
 
 def kl_topk_forward(
@@ -721,14 +862,18 @@ def kl_topk_forward(
     cap, inv_cap = _softcap_args(math.softcap)
     if n == 0:
         return kl, lse, lse_tail
-    interpreted = _interpreted(x)
-    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted, _heavy(math))
     scale = lse if grad_scale is None else _rows(grad_scale, n, torch.float32, "grad_scale")
-    kernel_variant(_kl_topk_fwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _kl_topk_fwd_kernel,
+        TOPK_HEAVY_SHAPES if math.softcap is not None else TOPK_SHAPES,
+        x,
+        n,
+        V,
         x,
         index,
         logprob,
         tail_logprob,
+        _mass(logprob, tail_logprob),
         scale,
         torch.empty(n, k, dtype=x.dtype, device=x.device),
         kl,
@@ -743,10 +888,7 @@ def kl_topk_forward(
         inv_cap,
         HAS_GRAD=grad_scale is not None,
         HAS_SOFTCAP=math.softcap is not None,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
+        BLOCK_K=_block_k(k),
     )
     return kl, lse, lse_tail
 
@@ -770,13 +912,17 @@ def kl_topk_backward(
     cap, inv_cap = _softcap_args(math.softcap)
     if n == 0:
         return
-    interpreted = _interpreted(x)
-    block_n, block_v, block_k, num_warps = _topk_config(n, V, k, interpreted, _heavy(math))
-    kernel_variant(_kl_topk_bwd_kernel, interpreted)[(triton.cdiv(n, block_n),)](
+    launch(
+        _kl_topk_bwd_kernel,
+        TOPK_HEAVY_SHAPES if math.softcap is not None else TOPK_SHAPES,
+        x,
+        n,
+        V,
         x,
         index,
         logprob,
         tail_logprob,
+        _mass(logprob, tail_logprob),
         _rows(lse, n, torch.float64, "lse"),
         _rows(lse_tail, n, torch.float64, "lse_tail"),
         _rows(grad_scale, n, torch.float32, "grad_scale"),
@@ -789,10 +935,7 @@ def kl_topk_backward(
         cap,
         inv_cap,
         HAS_SOFTCAP=math.softcap is not None,
-        BLOCK_N=block_n,
-        BLOCK_V=block_v,
-        BLOCK_K=block_k,
-        num_warps=num_warps,
+        BLOCK_K=_block_k(k),
     )
 
 
@@ -811,11 +954,8 @@ _DIVERGENCES = (
 
 
 def _ptxas_cases() -> list[dict[str, Any]]:
-    """Every kernel × dtype × gradient, for each divergence (exact) or softcap (top-k), at the
-    GPU configuration for V = 128256 and k = 32 (top-k: one gather step)."""
-    block_n, block_v, block_k, num_warps = _topk_config(4096, 128256, 32, interpreted=False)
-    heavy_warps = _topk_config(4096, 128256, 32, interpreted=False, heavy=True)[3]
-    blocks = dict(BLOCK_N=block_n, BLOCK_V=block_v)
+    """Every kernel × dtype × gradient × configuration, for each divergence (exact) or softcap
+    (top-k, at k = 32)."""
     rows = {"n_rows": "i32", "V": "i32"}
     exact_scalars = {
         "inv_tau": "fp32",
@@ -858,6 +998,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
             "idx_ptr": "*i64",
             "lp_ptr": "*fp32",
             "lt_ptr": "*fp32",
+            "mass_ptr": "*fp64",
             "scale_ptr": "*fp32",
             "saved_ptr": f"*{dt}",
             "kl_ptr": "*fp32",
@@ -873,6 +1014,7 @@ def _ptxas_cases() -> list[dict[str, Any]]:
             "idx_ptr": "*i64",
             "lp_ptr": "*fp32",
             "lt_ptr": "*fp32",
+            "mass_ptr": "*fp64",
             "lse_ptr": "*fp64",
             "lse_tail_ptr": "*fp64",
             "scale_ptr": "*fp32",
@@ -884,49 +1026,45 @@ def _ptxas_cases() -> list[dict[str, Any]]:
         }
         strides = ("stride_x", "stride_r")
         for tag, divergence in _DIVERGENCES:
+            heavy = tag != "forward"
             for grad in (False, True):
-                cases.append(
-                    ptxas_case(
-                        f"kl_fwd[{dt},grad={int(grad)},{tag}]",
-                        _kl_fwd_kernel,
-                        kl_fwd,
-                        dict(HAS_GRAD=grad, **divergence, **blocks),
-                        heavy_warps if tag != "forward" else num_warps,
-                        strides,
-                    )
-                )
-            cases.append(
-                ptxas_case(
-                    f"kl_bwd[{dt},{tag}]",
-                    _kl_bwd_kernel,
-                    kl_bwd,
-                    dict(**divergence, **blocks),
-                    heavy_warps if tag != "forward" else num_warps,
+                cases += ptxas_cases_for(
+                    f"kl_fwd[{dt},grad={int(grad)},{tag}]",
+                    _kl_fwd_kernel,
+                    kl_fwd,
+                    dict(HAS_GRAD=grad, **divergence),
+                    dt,
                     strides,
+                    KL_HEAVY_SHAPES if heavy else KL_SHAPES,
                 )
+            cases += ptxas_cases_for(
+                f"kl_bwd[{dt},{tag}]",
+                _kl_bwd_kernel,
+                kl_bwd,
+                divergence,
+                dt,
+                strides,
+                KL_HEAVY_SHAPES if heavy else KL_SHAPES,
             )
-        topk_blocks = dict(**blocks, BLOCK_K=block_k)
         for softcap in (False, True):
             for grad in (False, True):
-                cases.append(
-                    ptxas_case(
-                        f"kl_topk_fwd[{dt},grad={int(grad)},softcap={int(softcap)}]",
-                        _kl_topk_fwd_kernel,
-                        topk_fwd,
-                        dict(HAS_GRAD=grad, HAS_SOFTCAP=softcap, **topk_blocks),
-                        heavy_warps if softcap else num_warps,
-                        ("K", "stride_x"),
-                    )
-                )
-            cases.append(
-                ptxas_case(
-                    f"kl_topk_bwd[{dt},softcap={int(softcap)}]",
-                    _kl_topk_bwd_kernel,
-                    topk_bwd,
-                    dict(HAS_SOFTCAP=softcap, **topk_blocks),
-                    heavy_warps if softcap else num_warps,
+                cases += ptxas_cases_for(
+                    f"kl_topk_fwd[{dt},grad={int(grad)},softcap={int(softcap)}]",
+                    _kl_topk_fwd_kernel,
+                    topk_fwd,
+                    dict(HAS_GRAD=grad, HAS_SOFTCAP=softcap, BLOCK_K=32),
+                    dt,
                     ("K", "stride_x"),
+                    TOPK_HEAVY_SHAPES if softcap else TOPK_SHAPES,
                 )
+            cases += ptxas_cases_for(
+                f"kl_topk_bwd[{dt},softcap={int(softcap)}]",
+                _kl_topk_bwd_kernel,
+                topk_bwd,
+                dict(HAS_SOFTCAP=softcap, BLOCK_K=32),
+                dt,
+                ("K", "stride_x"),
+                TOPK_HEAVY_SHAPES if softcap else TOPK_SHAPES,
             )
     return cases
 
