@@ -1,4 +1,5 @@
-"""Triton cross-entropy epilogue under the interpreter, against a float64 oracle.
+"""Triton CE and KL epilogues under the interpreter, against a float64 oracle, in every
+autotuned configuration.
 
 ``TRITON_INTERPRET`` is read when ``@triton.jit`` runs, and Triton's own library (``tl.sum``,
 ``tl.max``, ``tl.zeros``) is decorated when ``triton`` is first imported; Triton also reads
@@ -28,8 +29,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
-from unlearn_kernels._options import CERowMath  # noqa: E402
-from unlearn_kernels.backends import triton_backend  # noqa: E402
+from unlearn_kernels._options import CERowMath, KLRowMath  # noqa: E402
+from unlearn_kernels.backends import torch_backend, triton_backend  # noqa: E402
+from unlearn_kernels.backends import triton_cross_entropy as tce  # noqa: E402
+from unlearn_kernels.backends import triton_kl as tkl  # noqa: E402
 from unlearn_kernels.backends.triton_cross_entropy import triton_interpreter_active  # noqa: E402
 
 if not triton_interpreter_active():  # too late for this process: leave the environment alone
@@ -38,7 +41,11 @@ if not triton_interpreter_active():  # too late for this process: leave the envi
     else:
         os.environ["TRITON_INTERPRET"] = _saved_interpret
 
-pytestmark = pytest.mark.triton
+# tl.where evaluates both branches: the interpreter's numpy warns on the discarded one
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
 
 IN_PROCESS = triton_interpreter_active()
 IN_CHILD = os.environ.get(_CHILD_FLAG) == "1"
@@ -199,6 +206,149 @@ def test_rejects_bad_input():
         ce_forward(triton_backend, x, target[:3], None, None)
     loss, lse = ce_forward(triton_backend, x[:0], target[:0], None, None)
     assert loss.shape == lse.shape == (0,)
+
+
+# ---- every configuration the autotuner may pick, under the interpreter ------------------------
+# The interpreter runs interpreter_config's pick (the first fitting one); these tests force each
+# entry of each table in turn. 70 rows: three row groups of INTERP_ROWS over two programs, so
+# the persistent striding runs; V = 3001 (not a multiple of 16): several steps of the narrow
+# configurations, one partial step of the wide ones.
+CONFIG_V = [3001]
+TABLES = {
+    "ce": tce.CE_SHAPES,
+    "ce_heavy": tce.CE_HEAVY_SHAPES,
+    "kl": tkl.KL_SHAPES,
+    "kl_heavy": tkl.KL_HEAVY_SHAPES,
+    "topk": tkl.TOPK_SHAPES,
+    "topk_heavy": tkl.TOPK_HEAVY_SHAPES,
+}
+
+
+def config_params(tables: list[str]):
+    """``(table, dtype, index)`` for every configuration of ``tables`` in fp32 and bf16."""
+    out = []
+    for table in tables:
+        for dtype in ("fp32", "bf16"):
+            for i, cfg in enumerate(tce.configs_for(DTYPES[dtype], TABLES[table])):
+                out.append(
+                    pytest.param(table, dtype, i, id=f"{table}-{dtype}-{tce.config_tag(cfg)}")
+                )
+    return out
+
+
+@pytest.fixture
+def force_config(monkeypatch):
+    """``force(table, dtype, i)``: launches with that table run its ``i``-th configuration (and
+    fail if another table is launched)."""
+
+    def force(table: str, dtype: str, i: int) -> None:
+        want = tce.configs_for(DTYPES[dtype], TABLES[table])
+
+        def pick(configs, V):
+            assert configs == want, "the launch used another configuration table"
+            return configs[i]
+
+        monkeypatch.setattr(tce, "interpreter_config", pick)
+
+    return force
+
+
+def test_interpreter_config_is_deterministic_and_fits():
+    for table in TABLES.values():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            configs = tce.configs_for(dtype, table)
+            for V in (7, 1013, 4500, 128256):
+                cfg = tce.interpreter_config(configs, V)
+                assert cfg is tce.interpreter_config(configs, V)
+                narrowest = min(tce.step_width(c) for c in configs)
+                assert tce.step_width(cfg) <= max(V, narrowest)
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("V", CONFIG_V)
+@pytest.mark.parametrize("table,dtype,index", config_params(["ce", "ce_heavy"]))
+def test_ce_every_configuration(force_config, table, dtype, index, V):
+    force_config(table, dtype, index)
+    heavy = table == "ce_heavy"  # the argmax flavour, at logits of 1e4; softcap otherwise
+    cap = None if heavy else 30.0
+    x, target, grad_scale = make_inputs(70, V, DTYPES[dtype], 1e4 if heavy else 4.0)
+    math = CERowMath(softcap=cap, argmax=heavy)
+    loss_ref, lse_ref, grad_ref = oracle(x, target, grad_scale, cap)
+    xg = x.clone()
+    rows = triton_backend.ce_forward(xg, target, grad_scale, math)
+    assert rel(rows.loss, loss_ref) < 1e-5 and rel(rows.lse, lse_ref) < 1e-5
+    if heavy:  # torch's argmax is the first maximal column too
+        assert torch.equal(rows.argmax, x.argmax(1))
+    tol = (
+        1e-5
+        if dtype == "fp32"
+        else 1.05 * rel(torch_lowp_grad(x, target, grad_scale, cap), grad_ref) + 1e-7
+    )
+    assert rel(xg, grad_ref) <= tol
+    xb = x.clone()
+    triton_backend.ce_backward(xb, target, rows.lse, grad_scale, math)
+    assert rel(xb, grad_ref) <= tol
+
+
+KL_MATHS = {
+    "kl": KLRowMath(temperature=1.5),
+    "kl_heavy": KLRowMath(temperature=0.7, softcap=20.0, softcap_ref=True, beta=0.3),
+}
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("V", CONFIG_V)
+@pytest.mark.parametrize("table,dtype,index", config_params(["kl", "kl_heavy"]))
+def test_kl_every_configuration(force_config, table, dtype, index, V):
+    """Exact KL (forward; JSD with softcap for the heavy table) against the torch backend in
+    float64 on the same inputs."""
+    force_config(table, dtype, index)
+    math = KL_MATHS[table]
+    x, _, grad_scale = make_inputs(70, V, DTYPES[dtype], 4.0)
+    x_ref = (x.double() + torch.randn(x.shape, dtype=torch.float64)).to(x.dtype)
+    xd = x.double()
+    kl_ref, lse_ref, lse_r_ref, centre_ref = torch_backend.kl_forward(
+        xd, x_ref.double(), grad_scale.double(), math
+    )
+    xg = x.clone()
+    kl, lse, lse_r, centre = triton_backend.kl_forward(xg, x_ref, grad_scale, math)
+    assert rel(kl, kl_ref) < 1e-5 and rel(lse, lse_ref) < 1e-6 and rel(lse_r, lse_r_ref) < 1e-6
+    assert rel(centre, centre_ref) < 1e-5
+    tol = 1e-5 if dtype == "fp32" else 4e-3  # bf16: rounded once, at the store
+    assert rel(xg, xd) <= tol
+    xb = x.clone()
+    triton_backend.kl_backward(xb, x_ref, lse, lse_r, centre, grad_scale, math)
+    assert rel(xb, xd) <= tol
+
+
+@needs_interpreter
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("V", CONFIG_V)
+@pytest.mark.parametrize("table,dtype,index", config_params(["topk", "topk_heavy"]))
+def test_kl_topk_every_configuration(force_config, table, dtype, index, V):
+    """Top-k KL (k = 37; softcap for the heavy table) against the torch backend in float64."""
+    force_config(table, dtype, index)
+    math = KLRowMath(temperature=1.3, softcap=20.0 if table == "topk_heavy" else None)
+    x, _, grad_scale = make_inputs(70, V, DTYPES[dtype], 4.0)
+    ref = torch.randn(x.shape, dtype=torch.float64) * 3.0
+    logp = torch.log_softmax(ref, dim=1)
+    top = logp.topk(37, dim=1)
+    tail = torch.log1p(-top.values.exp().sum(1).clamp(max=1 - 1e-12))
+    args = (top.indices, top.values.float(), tail.float())
+    xd = x.double()
+    kl_ref, lse_ref, lse_t_ref = torch_backend.kl_topk_forward(
+        xd, top.indices, top.values, tail, grad_scale.double(), math
+    )
+    xg = x.clone()
+    kl, lse, lse_t = triton_backend.kl_topk_forward(xg, *args, grad_scale, math)
+    assert rel(kl, kl_ref) < 1e-5 and rel(lse, lse_ref) < 1e-6 and rel(lse_t, lse_t_ref) < 1e-6
+    tol = 1e-5 if dtype == "fp32" else 4e-3  # bf16: rounded once, at the store
+    assert rel(xg, xd) <= tol
+    xb = x.clone()
+    triton_backend.kl_topk_backward(xb, *args, lse, lse_t, grad_scale, math)
+    assert rel(xb, xd) <= tol
 
 
 @pytest.mark.skipif(IN_PROCESS or IN_CHILD, reason="the tests above ran in this process")
