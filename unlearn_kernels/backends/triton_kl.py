@@ -691,7 +691,7 @@ def _kl_topk_bwd_kernel(
 KL_SHAPES = {4: ((8, 8), (4, 8), (4, 16)), 2: ((8, 8), (8, 16), (8, 4))}
 KL_HEAVY_SHAPES = {4: ((4, 8), (4, 4)), 2: ((4, 8), (4, 4))}
 TOPK_SHAPES = {4: ((8, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 16), (8, 4))}
-TOPK_HEAVY_SHAPES = {4: ((4, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 4))}
+TOPK_HEAVY_SHAPES = {4: ((4, 8), (4, 16), (8, 4)), 2: ((4, 8), (4, 4))}
 #: top-k columns are gathered in one ``[ROWS, BLOCK_K]`` tile, ``BLOCK_K = next_pow2(k)``
 BLOCK_K_MAX = 4096
 
