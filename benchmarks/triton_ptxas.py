@@ -322,17 +322,23 @@ def write_report(results: list[PtxasResult], command: str, ptxas: str, path: Pat
         f"Made by `{command}` with {_tool_versions(ptxas)}.",
         "",
         "Each kernel is compiled by `triton.compile(ASTSource(...), "
-        'target=GPUTarget("cuda", cc, 32))` with the GPU launch configuration of its '
-        "`PTXAS_CASES` entry (what the launcher picks on a GPU), and its PTX assembled by "
-        "`ptxas -v` with Triton's own flags. `smem` = static (ptxas) + dynamic (Triton "
-        "metadata, reduction scratch) bytes per block. `warps/SM` = resident warps per SM "
-        "allowed by registers and shared memory (limit 64).",
+        'target=GPUTarget("cuda", cc, 32))` in every configuration its launcher may run on a '
+        "GPU (its `PTXAS_CASES` entries: for the CE and KL epilogues each `triton.autotune` "
+        "configuration, tagged `UuxVvxWw` = u loads of v logits in flight per thread and input, "
+        "w warps, one row per step, persistent grid), and its PTX assembled by `ptxas -v` with "
+        "Triton's own flags. `smem` = static (ptxas) + dynamic (Triton metadata, reduction "
+        "scratch) bytes per block. `warps/SM` = resident warps per SM allowed by registers and "
+        "shared memory (limit 64). `bar.sync/iter` = barriers in each innermost loop (the "
+        "vocabulary sweeps of an epilogue, the element sweeps of NGDiff), read from LLVM's loop "
+        "annotations in the PTX.",
         "",
         "Configurations: " + "; ".join(configs) + ".",
         "",
         format_table(results),
         "",
-        f"Spills: {sum(r.spills for r in results)} bytes in total over {len(results)} compiles.",
+        f"Spills: {sum(r.spills for r in results)} bytes in total over {len(results)} compiles; "
+        f"at most {max(r.registers for r in results)} registers; at most "
+        f"{max(max(r.loop_barriers, default=0) for r in results)} `bar.sync` per loop iteration.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,18 +16,25 @@ where ``s_i`` is ``grad_scale[i]`` and ``sech² = 1 − tanh² = 1 − (z/c)²``
 ``4e/(1+e)²`` with ``e = exp(−2|x/c|)``, which has no cancellation when ``|x| ≫ c``). The
 options of :class:`~unlearn_kernels._options.CERowMath` change only per-row scalars (class
 weight ``c_y``, z-loss, token scaling: the factors ``a, P, c_eps`` of :func:`_row_factors`), plus,
-under the constexpr flags, a per-lane sum of ``c_v (z_v − z_y)`` in pass 1 and a ``(ε/V) c_v``
+under the constexpr flags, a per-thread sum of ``c_v (z_v − z_y)`` in pass 1 and a ``(ε/V) c_v``
 term in pass 2 (``SMOOTH``, ``HAS_CLASS_WEIGHT``) and the first column of the running maximum
 (``ARGMAX``).
 
-Kernel layout: one program owns ``BLOCK_N`` rows (1 on a GPU with a real vocabulary) and
-walks the vocabulary in ``BLOCK_V`` columns. Pass 1 keeps a running row max (one max
-reduction per block) and per-lane partial sums of ``exp(z − max)`` rescaled when the max
-grows (one ``exp`` per logit, never of an unshifted value, one sum per row); pass 2 re-reads
-the row and writes the gradient over it. Every load is cast to fp32 at once and the store
-rounds back to nearest-even (bf16 by integer arithmetic, see :func:`_cast_rne`), which is
-also what keeps the interpreter (``TRITON_INTERPRET=1``, whose bf16 arithmetic and bf16 cast
-are wrong) exact.
+Kernel layout. A persistent grid (``min(n, SMs × PROGRAMS_PER_SM)`` programs) strides over
+the rows; a program walks its row's vocabulary in steps of ``UNROLL·THREADS·VEC`` columns,
+held as ``[ROWS, UNROLL, THREADS, VEC]`` tiles: each thread issues ``UNROLL`` independent
+16-byte loads (``VEC`` logits each) per step. Pass 1 keeps, per thread, a running max and a
+sum of ``exp(z − max)`` rescaled when that max grows (``1 + 1/(UNROLL·VEC)`` exponentials per
+logit, never of an unshifted value); the only block-wide reduction merges the threads' pairs
+once per row, after the loop, so the loop has no barrier (benchmarks/results/triton_ptxas.md
+counts them in the PTX). Pass 2 re-reads the row and writes the gradient over it. The
+configuration (``UNROLL``, ``VEC``, ``num_warps``) is chosen by ``triton.autotune`` per
+``(V, dtype)`` and kernel flavour from ``CE_SHAPES`` / ``CE_HEAVY_SHAPES`` (:func:`launch`).
+Every load is cast to fp32 at once and the store rounds back to nearest-even (bf16 by integer
+arithmetic, see :func:`_cast_rne`), which is also what keeps the interpreter
+(``TRITON_INTERPRET=1``, whose bf16 arithmetic and bf16 cast are wrong) exact. The
+interpreter runs the same configurations, picked without timing (:func:`interpreter_config`)
+and with ``INTERP_ROWS`` rows per step (its cost is per operation, not per element).
 
 Interpreter vs compiler. ``TRITON_INTERPRET`` is read when ``@triton.jit`` runs, i.e. at
 import time, and that includes Triton's own library (``tl.sum``, ``tl.max``, ``tl.zeros`` are

@@ -5,7 +5,9 @@ Same contracts as the torch reference (:mod:`unlearn_kernels.backends.torch_back
 chunk of student logits ``x`` ``[n, V]`` and ``z = x/τ``, ``q = softmax(z)``:
 
 * exact (``z = cap(x)/τ``, the reference capped with ``CAP_REF``): one online sweep over both
-  rows keeps, per row, running maxima ``m, m_r`` and rescaled ``S = Σ e^{z−m}``,
+  rows keeps, per thread (merged once per row after the sweep, as in
+  :mod:`~unlearn_kernels.backends.triton_cross_entropy`), running maxima ``m, m_r`` and
+  rescaled ``S = Σ e^{z−m}``,
   ``R = Σ e^{z_r−m_r}`` and, for the forward KL, ``A = Σ_{p>0} e^{z_r−m_r}(z_r − z)`` (reverse:
   ``A = Σ e^{z−m}(z − z_r)``); then ``KL = A/R − (m_r − m) − log(R/S)`` (reverse: the mirror
   image); the JSD needs both normalisers first, so a second sweep forms it and its centre
@@ -15,8 +17,14 @@ chunk of student logits ``x`` ``[n, V]`` and ``z = x/τ``, ``q = softmax(z)``:
   with ``−inf``, so the sweep sums the tail ``lse_t = log Σ_{v∉K} e^{z_v}`` directly; the
   ``k + 1`` loss terms are then formed in fp64; the gradient sweep writes
   ``s/τ·(P q_v − p_t e^{z_v − lse_t})`` (``−inf`` entries give 0) and the top-k entries are
-  written last, ``s/τ·(P q_k − p_k)`` with ``P = Σ_K p_k + p_t``; without a gradient the ``k``
-  logits are restored. Barriers order these stores and loads within a program.
+  written last, ``s/τ·(P q_k − p_k)`` with ``P = Σ_K p_k + p_t`` (formed by the launcher);
+  without a gradient the ``k`` logits are restored. The ``k`` ids are gathered in one tile
+  (``k ≤ BLOCK_K_MAX``); barriers order these stores and loads within a program, outside the
+  vocabulary loops.
+
+Launch: the persistent grid and autotuned configurations of
+:func:`~unlearn_kernels.backends.triton_cross_entropy.launch` (tables ``KL_SHAPES``,
+``TOPK_SHAPES`` and their heavy variants).
 
 Zero probabilities as in the reference: ``p = 0`` contributes 0, ``p_t = 0`` (or an empty
 student tail) drops the tail term. Loads are cast to fp32 at once and stores round to nearest
@@ -691,7 +699,7 @@ def _kl_topk_bwd_kernel(
 KL_SHAPES = {4: ((8, 8), (4, 8), (4, 16)), 2: ((8, 8), (8, 16), (8, 4))}
 KL_HEAVY_SHAPES = {4: ((4, 8), (4, 4)), 2: ((4, 8), (4, 4))}
 TOPK_SHAPES = {4: ((8, 8), (4, 16), (8, 4)), 2: ((8, 8), (8, 16), (8, 4))}
-TOPK_HEAVY_SHAPES = {4: ((4, 8), (4, 16), (8, 4)), 2: ((4, 8), (4, 4))}
+TOPK_HEAVY_SHAPES = {4: ((4, 8), (8, 4)), 2: ((4, 8), (4, 4))}
 #: top-k columns are gathered in one ``[ROWS, BLOCK_K]`` tile, ``BLOCK_K = next_pow2(k)``
 BLOCK_K_MAX = 4096
 
