@@ -83,7 +83,7 @@ def extension_build() -> dict:
 
             def compile_by_isa(sources, *args, extra_postargs=None, **kwargs):
                 objects = []
-                for flags, srcs in groups:
+                for flags, _ in groups:
                     chosen = [s for s in sources if flags_of.get(s) is flags]
                     if chosen:
                         post = [*(extra_postargs or []), *flags]
