@@ -24,10 +24,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <tuple>
 
-#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -44,9 +43,9 @@ constexpr int kAllLanes = (1 << kLanes) - 1;  // a lane bit mask with every lane
 
 // ---------------------------------------------------------------------------------------------
 // exp, max and tanh: the package's own polynomials (no Sleef call, no libm call), one algorithm
-// written three times: AVX2 and AVX-512 intrinsics, and a lane loop for the baseline that the
-// compiler vectorises for the target's own vectors (SSE2 on x86-64; no FMA there, so each
-// fused multiply-add is a multiply and an add: the same error bounds within 1 ulp).
+// written three times in intrinsics: AVX-512, AVX2, and SSE2 for the x86-64 baseline (no FMA
+// there, so each fused multiply-add is a multiply and an add: the same error bounds within
+// 1 ulp). Other architectures map ATen's scalar functions lane by lane.
 //
 // exp(x) = 2^n · exp(r), n = round(x / ln 2), r = x − n ln 2 ∈ [−ln2/2, ln2/2] (Cody–Waite: ln 2
 // split so that n·hi is exact). n is rounded by adding 1.5·2^23 + 127, which also leaves the
@@ -194,71 +193,129 @@ UK_INLINE Vec tanh_vec(const Vec& v, Vec* deriv) {
   return _mm256_or_ps(t, sign);
 }
 
-#else  // baseline: the same algorithm lane by lane, vectorised by the compiler
+#elif defined(__SSE2__)  // the x86-64 baseline: SSE2, 4 lanes at a time, no FMA
 
-namespace lane {
+namespace sse2 {
 
-UK_INLINE float exp_bits(float shifted) {
-  // 2^n from the biased exponent in the low mantissa bits of `shifted`.
-  uint32_t bits;
-  std::memcpy(&bits, &shifted, sizeof bits);
-  bits <<= 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof bits);
-  return two_n;
+// a·b + c without FMA: one more rounding, within the error bounds above.
+UK_INLINE __m128 mul_add(__m128 a, __m128 b, __m128 c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+
+// mask ? a : b
+UK_INLINE __m128 select(__m128 mask, __m128 a, __m128 b) {
+  return _mm_or_ps(_mm_and_ps(mask, a), _mm_andnot_ps(mask, b));
 }
 
 template <bool kNonPositive>
-UK_INLINE float exp(float x_in) {
-  // Comparisons written so that NaN passes through both clamps.
-  float x = !kNonPositive && x_in > coef::kExpHi ? coef::kExpHi : x_in;
-  x = x < coef::kExpLo ? coef::kExpLo : x;
-  const float t = x * coef::kLog2e + coef::kShifter;
-  const float n = t - coef::kShifter;
-  float r = x - n * coef::kLn2Hi;
-  r = r - n * coef::kLn2Lo;
-  float p = coef::kExp[0];
-  for (int k = 1; k < 5; ++k) p = p * r + coef::kExp[k];
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const float y = p * exp_bits(t);
-  return !kNonPositive && x_in < coef::kExpLo ? 0.f : y;
+UK_INLINE __m128 exp(__m128 x_in) {
+  const __m128 lo = _mm_set1_ps(coef::kExpLo);
+  // Operand order makes min/max return x when x is NaN.
+  __m128 x = kNonPositive ? x_in : _mm_min_ps(_mm_set1_ps(coef::kExpHi), x_in);
+  x = _mm_max_ps(lo, x);
+  const __m128 shifter = _mm_set1_ps(coef::kShifter);
+  const __m128 t = mul_add(x, _mm_set1_ps(coef::kLog2e), shifter);
+  const __m128 n = _mm_sub_ps(t, shifter);
+  __m128 r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(coef::kLn2Hi)));
+  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(coef::kLn2Lo)));
+  __m128 p = _mm_set1_ps(coef::kExp[0]);
+  for (int k = 1; k < 5; ++k) p = mul_add(p, r, _mm_set1_ps(coef::kExp[k]));
+  p = mul_add(p, r, _mm_set1_ps(1.f));
+  p = mul_add(p, r, _mm_set1_ps(1.f));
+  const __m128 two_n = _mm_castsi128_ps(_mm_slli_epi32(_mm_castps_si128(t), 23));
+  const __m128 y = _mm_mul_ps(p, two_n);
+  if constexpr (kNonPositive) {
+    return y;
+  } else {
+    return _mm_andnot_ps(_mm_cmplt_ps(x_in, lo), y);
+  }
 }
 
-}  // namespace lane
+template <bool kDeriv>
+UK_INLINE __m128 tanh(__m128 y, __m128* deriv) {
+  const __m128 sign_bit = _mm_set1_ps(-0.f);
+  const __m128 sign = _mm_and_ps(y, sign_bit);
+  const __m128 a = _mm_andnot_ps(sign_bit, y);
+  const __m128 one = _mm_set1_ps(1.f);
+  const __m128 u = _mm_mul_ps(a, a);
+  __m128 poly = _mm_set1_ps(coef::kTanh[0]);
+  for (int k = 1; k < 6; ++k) poly = mul_add(poly, u, _mm_set1_ps(coef::kTanh[k]));
+  __m128 t = mul_add(_mm_mul_ps(poly, u), a, a);
+  __m128 d = one;
+  if constexpr (kDeriv) d = _mm_sub_ps(one, _mm_mul_ps(t, t));
+  const __m128 small = _mm_cmplt_ps(a, _mm_set1_ps(coef::kTanhSmall));
+  if (_mm_movemask_ps(small) != 0xF) {
+    // −2a ≤ 0; for a > 43.7, e ≈ FLT_MIN rather than 0: tanh = 1, d ≈ 4.7e-38.
+    const __m128 e = exp<true>(_mm_mul_ps(a, _mm_set1_ps(-2.f)));
+    const __m128 q = _mm_div_ps(one, _mm_add_ps(one, e));
+    t = select(small, t, _mm_mul_ps(_mm_sub_ps(one, e), q));
+    if constexpr (kDeriv) {
+      const __m128 four_e = _mm_mul_ps(_mm_set1_ps(4.f), e);
+      d = select(small, d, _mm_mul_ps(four_e, _mm_mul_ps(q, q)));
+    }
+  }
+  if constexpr (kDeriv) *deriv = d;
+  return _mm_or_ps(t, sign);
+}
+
+// fn over the kLanes / 4 SSE registers of v (ATen's baseline Vectorized<float> is an array).
+template <typename Fn>
+UK_INLINE Vec each(const Vec& v, Fn&& fn) {
+  alignas(64) float x[kLanes];
+  v.store(x);
+  for (int64_t h = 0; h < kLanes; h += 4) _mm_store_ps(x + h, fn(_mm_load_ps(x + h)));
+  return Vec::loadu(x);
+}
+
+}  // namespace sse2
 
 template <bool kNonPositive = false>
 UK_INLINE Vec exp_vec(const Vec& v) {
-  alignas(64) float x[kLanes];
-  v.store(x);
-  for (int64_t l = 0; l < kLanes; ++l) x[l] = lane::exp<kNonPositive>(x[l]);
-  return Vec::loadu(x);
+  return sse2::each(v, [](__m128 x) { return sse2::exp<kNonPositive>(x); });
+}
+
+UK_INLINE Vec max_vec(const Vec& a, const Vec& b) {
+  alignas(64) float y[kLanes];
+  b.store(y);
+  int64_t h = 0;
+  return sse2::each(a, [&](__m128 x) {
+    const __m128 r = _mm_max_ps(x, _mm_load_ps(y + h));
+    h += 4;
+    return r;
+  });
+}
+
+template <bool kDeriv>
+UK_INLINE Vec tanh_vec(const Vec& v, Vec* deriv) {
+  alignas(64) float d[kLanes];
+  int64_t h = 0;
+  const Vec t = sse2::each(v, [&](__m128 x) {
+    __m128 dx;
+    const __m128 r = sse2::tanh<kDeriv>(x, &dx);
+    if constexpr (kDeriv) _mm_store_ps(d + h, dx);
+    h += 4;
+    return r;
+  });
+  if constexpr (kDeriv) *deriv = Vec::loadu(d);
+  return t;
+}
+
+#else  // other architectures: ATen's own (scalar) maps
+
+template <bool kNonPositive = false>
+UK_INLINE Vec exp_vec(const Vec& v) {
+  return v.exp();
 }
 
 UK_INLINE Vec max_vec(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
 
 template <bool kDeriv>
 UK_INLINE Vec tanh_vec(const Vec& v, Vec* deriv) {
-  alignas(64) float y[kLanes], d[kLanes];
-  v.store(y);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const float a = std::fabs(y[l]);
-    const float u = a * a;
-    float poly = coef::kTanh[0];
-    for (int k = 1; k < 6; ++k) poly = poly * u + coef::kTanh[k];
-    float t = poly * u * a + a;
-    float dl = 1.f - t * t;
-    // Both branches in every lane (no data-dependent branch), the large one selected.
-    const float e = lane::exp<true>(-2.f * a);
-    const float q = 1.f / (1.f + e);
-    const bool small = a < coef::kTanhSmall;
-    t = small ? t : (1.f - e) * q;
-    dl = small ? dl : 4.f * e * q * q;
-    y[l] = std::copysign(t, y[l]);
-    d[l] = dl;
+  if constexpr (kDeriv) {
+    // 1 − tanh² as 4e/(1 + e)², e = exp(−2|y|): no cancellation for saturated lanes.
+    const Vec e = (v.abs() * Vec(-2.f)).exp();
+    const Vec q = Vec(1.f) / (Vec(1.f) + e);
+    *deriv = Vec(4.f) * e * q * q;
   }
-  if constexpr (kDeriv) *deriv = Vec::loadu(d);
-  return Vec::loadu(y);
+  return v.tanh();
 }
 
 #endif
