@@ -32,29 +32,38 @@ from unlearn_kernels.backends import cpu_backend
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_isa.md"
 
 
-def cases(n: int, vocab: int) -> dict[str, Callable[[], Callable[[], object]]]:
-    """Name → a factory that builds the inputs and returns the timed call (which restores its
-    logits first: the epilogue overwrites them with the gradient)."""
+Case = Callable[[], tuple[Callable[[], object], Callable[[], object]]]
+
+
+def cases(n: int, vocab: int) -> dict[str, Case]:
+    """Name → a factory that builds the inputs and returns ``(restore, call)``: the epilogue
+    overwrites the logits with the gradient, so ``restore`` (untimed) copies them back first."""
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, vocab, (n,), generator=g)
     scale32, scale64 = torch.full((n,), 1.0 / n), torch.full((n,), 1.0 / n, dtype=torch.float64)
 
-    def ce(dtype: torch.dtype, softcap: float | None) -> Callable[[], Callable[[], object]]:
-        def build() -> Callable[[], object]:
+    def ce(dtype: torch.dtype, softcap: float | None) -> Case:
+        def build() -> tuple[Callable[[], object], Callable[[], object]]:
             source = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
             x = source.clone()
             math = CERowMath(softcap=softcap)
-            return lambda: (x.copy_(source), cpu_backend.ce_forward(x, target, scale32, math))
+            return (
+                lambda: x.copy_(source),
+                lambda: cpu_backend.ce_forward(x, target, scale32, math),
+            )
 
         return build
 
-    def kl(dtype: torch.dtype) -> Callable[[], Callable[[], object]]:
-        def build() -> Callable[[], object]:
+    def kl(dtype: torch.dtype) -> Case:
+        def build() -> tuple[Callable[[], object], Callable[[], object]]:
             source = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
             x_ref = (torch.randn(n, vocab, generator=g) * 4).to(dtype)
             x = source.clone()
             math = KLRowMath()
-            return lambda: (x.copy_(source), cpu_backend.kl_forward(x, x_ref, scale64, math))
+            return (
+                lambda: x.copy_(source),
+                lambda: cpu_backend.kl_forward(x, x_ref, scale64, math),
+            )
 
         return build
 
@@ -82,19 +91,31 @@ def run(n: int, vocab: int, rounds: int) -> tuple[list[str], dict[str, dict[str,
     isas = runnable_isas()
     times: dict[str, dict[str, list[float]]] = {}
     for name, build in cases(n, vocab).items():
-        call = build()
+        restore, call = build()
         times[name] = {isa: [] for isa in isas}
         for isa in isas:  # warm-up of each copy
             _C.set_isa(isa)
+            restore()
             call()
         for _ in range(rounds):
             for isa in isas:
                 _C.set_isa(isa)
+                restore()
                 start = time.perf_counter()
                 call()
                 times[name][isa].append(time.perf_counter() - start)
         print(name, {isa: round(statistics.median(t) * 1e3, 2) for isa, t in times[name].items()})
     return isas, times
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def page(args: argparse.Namespace, isas: list[str], times: dict) -> str:
@@ -103,14 +124,14 @@ def page(args: argparse.Namespace, isas: list[str], times: dict) -> str:
     lines = [
         "# CPU epilogue: the instruction-set copies side by side",
         "",
-        f"Made by `{command.strip()}` on {platform.processor() or platform.machine()} "
-        f"({torch.get_num_threads()} threads), torch {torch.__version__}; compiled "
+        f"Made by `{command.strip()}` on {cpu_name()} ({torch.get_num_threads()} threads), "
+        f"torch {torch.__version__}; compiled "
         f"{', '.join(_C.compiled_isas())}, chosen at import here: {_C.active_isa()}. "
         f"Load average after the run: {load} (the machine is shared: one run, ratios only).",
         "",
         f"Epilogue only, one chunk of {args.n} × {args.vocab} logits, gradient written over it "
-        f"(the logits are restored before each call, which is timed too); {args.rounds} "
-        "interleaved rounds after one warm-up per copy. ms: median (fastest round).",
+        f"(the logits are restored, untimed, before each call); {args.rounds} interleaved "
+        "rounds after one warm-up per copy. ms: median (fastest round).",
         "",
         "| case | "
         + " | ".join(f"{isa} ms" for isa in isas)
