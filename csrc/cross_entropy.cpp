@@ -22,9 +22,10 @@
 // smoothing, class weights and the argmax are template parameters of the row loops, and the
 // rest are per-row scalars.
 
-#include "vec_math.h"  // first: selects ATen's AVX2 vectors
+#include "vec_math.h"  // first: selects ATen's vectors for CPU_CAPABILITY
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -35,10 +36,10 @@
 #include <type_traits>
 #include <utility>
 
-#include "registry.h"
+#include "kernels.h"
 #include "row_sweep.h"
 
-namespace unlearn_kernels {
+namespace unlearn_kernels::CPU_CAPABILITY {
 namespace {
 
 using vec_math::exp_vec;
@@ -604,6 +605,8 @@ struct Options {
   }
 };
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>
 ce_forward(at::Tensor x, const at::Tensor& target_in,
            const std::optional<at::Tensor>& grad_scale_in, std::optional<double> softcap,
@@ -683,22 +686,4 @@ void ce_backward(at::Tensor x, const at::Tensor& target_in, const at::Tensor& ls
   mark_written(x);
 }
 
-namespace py = pybind11;
-
-RegisterBindings reg([](py::module_& m) {
-  m.def("ce_forward", &ce_forward, py::arg("x"), py::arg("target"), py::arg("grad_scale"),
-        py::arg("softcap"), py::arg("class_weight"), py::arg("label_smoothing"),
-        py::arg("class_weight_sum"), py::arg("lse_square_scale"), py::arg("token_scaling"),
-        py::arg("argmax"), py::arg("z_loss"), py::call_guard<py::gil_scoped_release>(),
-        "Cross-entropy over rows of x [n, V] with the options of CERowMath -> (loss [n] fp32 "
-        "(fp64 for fp64 x), lse [n] fp64, z-loss part or None, argmax int64 or None). With "
-        "grad_scale a, x is overwritten by the gradient of a_i loss_i.");
-  m.def("ce_backward", &ce_backward, py::arg("x"), py::arg("target"), py::arg("lse"),
-        py::arg("grad_scale"), py::arg("softcap"), py::arg("class_weight"),
-        py::arg("label_smoothing"), py::arg("class_weight_sum"), py::arg("lse_square_scale"),
-        py::arg("token_scaling"), py::call_guard<py::gil_scoped_release>(),
-        "Overwrite x [n, V] with the gradient of a_i loss_i from the saved fp64 log-sum-exp.");
-});
-
-}  // namespace
-}  // namespace unlearn_kernels
+}  // namespace unlearn_kernels::CPU_CAPABILITY

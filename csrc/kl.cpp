@@ -31,24 +31,25 @@
 // Rows are split over threads with at::parallel_for. Sums accumulate per lane in fp32 for
 // kFlush steps, then in fp64.
 
-#include "vec_math.h"  // first: selects ATen's AVX2 vectors
+#include "vec_math.h"  // first: selects ATen's vectors for CPU_CAPABILITY
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
-#include "registry.h"
+#include "kernels.h"
 #include "row_sweep.h"
 
-namespace unlearn_kernels {
+namespace unlearn_kernels::CPU_CAPABILITY {
 namespace {
 
 using vec_math::exp_vec;
@@ -615,6 +616,16 @@ struct TopkRow {
   }
 };
 
+// A thread's scratch for the top-k of its rows: z_k, sech² and the saved logits (each written
+// before it is read). Not std::vector: its constructor would be compiled once per ISA under one
+// name shared by all copies, and the linker keeps one of them (tests/test_cpu_isa.py).
+template <typename T>
+struct TopkScratch {
+  explicit TopkScratch(int64_t k) : zk(new double[k]), dk(new double[k]), saved(new T[k]) {}
+  std::unique_ptr<double[]> zk, dk;
+  std::unique_ptr<T[]> saved;
+};
+
 // z_k and sech²(x_k/c) (1 without softcap) of the row's top-k logits, rounded as the row passes
 // round them, then widened to fp64.
 template <typename T, bool kCap>
@@ -662,12 +673,13 @@ void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
                           Acc<T>* kl, double* lse, double* lse_tail) {
   using A = Acc<T>;
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<double> zk(k), dk(k);
-    std::vector<T> saved(k);
+    TopkScratch<T> scratch(k);
+    double *zk = scratch.zk.get(), *dk = scratch.dk.get();
+    T* saved = scratch.saved.get();
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const TopkRow t{index + i * k, logprob + i * k, tail[i], k};
-      gather_z<T, kCap>(row, t, zm, zk.data(), dk.data());
+      gather_z<T, kCap>(row, t, zm, zk, dk);
       for (int64_t j = 0; j < k; ++j) saved[j] = row[t.index[j]];
       for (int64_t j = 0; j < k; ++j) row[t.index[j]] = static_cast<T>(-kInf);
       // Tail, from the row with the top-k masked out (−inf stays −inf through the softcap).
@@ -686,7 +698,7 @@ void kl_topk_forward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
       lse[i] = l;
       lse_tail[i] = lt;
       if (grad_scale != nullptr) {
-        topk_row_grad<T, kCap>(row, V, t, zk.data(), dk.data(), l, lt,
+        topk_row_grad<T, kCap>(row, V, t, zk, dk, l, lt,
                                grad_scale[i] / temperature, zm);
       } else {
         for (int64_t j = 0; j < k; ++j) row[t.index[j]] = saved[j];
@@ -701,12 +713,13 @@ void kl_topk_backward_impl(T* x, int64_t n, int64_t V, const int64_t* index,
                            const double* lse, const double* lse_tail, const double* grad_scale,
                            double temperature, const ZMap<Acc<T>>& zm) {
   at::parallel_for(0, n, grain_rows(V), [&](int64_t begin, int64_t end) {
-    std::vector<double> zk(k), dk(k);
+    TopkScratch<T> scratch(k);
+    double *zk = scratch.zk.get(), *dk = scratch.dk.get();
     for (int64_t i = begin; i < end; ++i) {
       T* row = x + i * V;
       const TopkRow t{index + i * k, logprob + i * k, tail[i], k};
-      gather_z<T, kCap>(row, t, zm, zk.data(), dk.data());
-      topk_row_grad<T, kCap>(row, V, t, zk.data(), dk.data(), lse[i], lse_tail[i],
+      gather_z<T, kCap>(row, t, zm, zk, dk);
+      topk_row_grad<T, kCap>(row, V, t, zk, dk, lse[i], lse_tail[i],
                              grad_scale[i] / temperature, zm);
     }
   });
@@ -795,6 +808,8 @@ at::Tensor acc_empty(const at::Tensor& x, int64_t n) {
   return at::empty({n}, x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble
                                                                            : at::kFloat));
 }
+
+}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> kl_forward(
     at::Tensor x, const at::Tensor& x_ref, const std::optional<at::Tensor>& grad_scale,
@@ -915,31 +930,4 @@ void kl_topk_backward(at::Tensor x, const at::Tensor& index, const at::Tensor& l
   mark_written(x);
 }
 
-namespace py = pybind11;
-
-RegisterBindings reg([](py::module_& m) {
-  m.def("kl_forward", &kl_forward, py::arg("x"), py::arg("x_ref"), py::arg("grad_scale"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("softcap_ref"), py::arg("beta"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Per-row divergence of KLRowMath (beta 0 forward KL, 1 reverse KL, else JSD) between "
-        "softmax(cap(x)/t) and softmax(x_ref/t) -> (kl, lse, lse_ref, centre); with grad_scale "
-        "s (float64), x is overwritten by s d(kl)/dx.");
-  m.def("kl_backward", &kl_backward, py::arg("x"), py::arg("x_ref"), py::arg("lse"),
-        py::arg("lse_ref"), py::arg("centre"), py::arg("grad_scale"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("softcap_ref"), py::arg("beta"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Overwrite x with s d(kl)/dx from the saved float64 log-normalisers and centre.");
-  m.def("kl_topk_forward", &kl_topk_forward, py::arg("x"), py::arg("index"), py::arg("logprob"),
-        py::arg("tail_logprob"), py::arg("grad_scale"), py::arg("temperature"),
-        py::arg("softcap"), py::call_guard<py::gil_scoped_release>(),
-        "Per-row top-k KL from reference top-k log-probs and tail log-mass -> (kl, lse, "
-        "lse_tail); with grad_scale s, x is overwritten by the gradient times s / t.");
-  m.def("kl_topk_backward", &kl_topk_backward, py::arg("x"), py::arg("index"),
-        py::arg("logprob"), py::arg("tail_logprob"), py::arg("lse"), py::arg("lse_tail"),
-        py::arg("grad_scale"), py::arg("temperature"), py::arg("softcap"),
-        py::call_guard<py::gil_scoped_release>(),
-        "Overwrite x with the top-k KL gradient times s / t from the saved lse and lse_tail.");
-});
-
-}  // namespace
-}  // namespace unlearn_kernels
+}  // namespace unlearn_kernels::CPU_CAPABILITY

@@ -20,9 +20,10 @@
 // item order in float64: the result does not depend on the number of threads or on
 // scheduling, so it is bit-reproducible.
 
-#include "vec_math.h"  // first: selects ATen's AVX2 vectors
+#include "vec_math.h"  // first: selects ATen's vectors for CPU_CAPABILITY
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
@@ -30,9 +31,9 @@
 #include <cstdint>
 #include <vector>
 
-#include "registry.h"
+#include "kernels.h"
 
-namespace unlearn_kernels {
+namespace unlearn_kernels::CPU_CAPABILITY {
 namespace {
 
 using vec_math::Io;
@@ -231,6 +232,8 @@ std::vector<Segment> segments(const std::vector<at::Tensor>& forget,
   return segs;
 }
 
+}  // namespace
+
 at::Tensor ngdiff_sums(const std::vector<at::Tensor>& forget,
                        const std::vector<at::Tensor>& retain) {
   const auto segs = segments(forget, retain, nullptr);
@@ -290,15 +293,4 @@ void ngdiff_write(const std::vector<at::Tensor>& forget, const std::vector<at::T
   });
 }
 
-static RegisterBindings reg([](pybind11::module_& m) {
-  m.def("ngdiff_sums", &ngdiff_sums, pybind11::arg("forget"), pybind11::arg("retain"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "[‖F‖², ‖R‖², ⟨F,R⟩] over contiguous segments (fp32 pieces, float64 total)");
-  m.def("ngdiff_write", &ngdiff_write, pybind11::arg("forget"), pybind11::arg("retain"),
-        pybind11::arg("out"), pybind11::arg("coef"),
-        pybind11::call_guard<pybind11::gil_scoped_release>(),
-        "out_j = coef[0]·R_j + coef[1]·F_j; a zero coefficient drops its term");
-});
-
-}  // namespace
-}  // namespace unlearn_kernels
+}  // namespace unlearn_kernels::CPU_CAPABILITY

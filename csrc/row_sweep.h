@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace unlearn_kernels {
+namespace unlearn_kernels::CPU_CAPABILITY {
 
 // Rows per parallel task: enough elements that a task is worth a thread wake-up.
 inline int64_t grain_rows(int64_t V) {
@@ -19,4 +19,4 @@ inline void mark_written(at::Tensor& x) {
   if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
-}  // namespace unlearn_kernels
+}  // namespace unlearn_kernels::CPU_CAPABILITY

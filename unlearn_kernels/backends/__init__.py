@@ -12,9 +12,11 @@ else CUDA tensors → ``triton`` and CPU tensors → ``cpu`` when built, ``torch
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import warnings
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -27,18 +29,40 @@ _MODULES = {
 }
 
 
+BUILD_INFO = Path(__file__).resolve().parent.parent / "_C_build.json"
+
+
+def build_mismatch(info_path: Path, torch_version: str) -> str | None:
+    """Why the extension described by ``info_path`` (written by setup.py next to it) must not
+    run under ``torch_version``, or ``None``. The extension is ABI-tied to the torch release it
+    was compiled against (local labels such as ``+cpu`` aside)."""
+    try:
+        built = json.loads(info_path.read_text())["torch"]
+    except (OSError, ValueError, KeyError):
+        return None  # no record (an older build): the import below is the only check
+    if built.split("+")[0] == torch_version.split("+")[0]:
+        return None
+    return (
+        f"unlearn_kernels._C was built against torch {built} but torch {torch_version} is "
+        "installed; CPU tensors use the slower pure PyTorch backend ('torch'). Rebuild it "
+        "against this torch: pip install --no-build-isolation --force-reinstall unlearn-kernels"
+    )
+
+
 @cache
 def cpu_extension_available() -> bool:
-    """Whether the C++ extension ``unlearn_kernels._C`` was built and imports."""
-    try:
-        importlib.import_module("unlearn_kernels._C")
-    except ImportError as err:
-        warnings.warn(
-            f"unlearn_kernels._C is not built ({err}); CPU tensors use the slower pure "
-            "PyTorch backend. Reinstall with a C++ compiler to build it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    """Whether the C++ extension ``unlearn_kernels._C`` was built for this torch and imports."""
+    reason = build_mismatch(BUILD_INFO, str(torch.__version__))
+    if reason is None:
+        try:
+            importlib.import_module("unlearn_kernels._C")
+        except ImportError as err:
+            reason = (
+                f"unlearn_kernels._C is not built ({err}); CPU tensors use the slower pure "
+                "PyTorch backend ('torch'). Reinstall with a C++ compiler to build it."
+            )
+    if reason is not None:
+        warnings.warn(reason, RuntimeWarning, stacklevel=3)
         return False
     return True
 
