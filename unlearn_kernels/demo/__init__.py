@@ -1,0 +1,2 @@
+"""``unlearn-kernels demo``: a fictitious-author world, its base models and the unlearning
+methods scored with the field's metrics, on a CPU in minutes (DESIGN §7)."""
