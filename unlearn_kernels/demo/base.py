@@ -168,12 +168,18 @@ def train_model(
     return model.eval(), summary
 
 
-def model_key(world_key: str, which: str, settings: BaseSettings) -> str:
-    """Cache key of a base model: the world, which model, the settings, the versions."""
+def model_key(pairs: list[tuple[str, str]], tokenizer: Any, settings: BaseSettings) -> str:
+    """Cache key of a base model: what it trains on (the pairs, the tokenizer's vocabulary),
+    the settings, the versions."""
+    from unlearn_kernels.data.formats import tokenizer_sha256
+
+    digest = hashlib.sha256()
+    for question, answer in pairs:
+        digest.update(json.dumps([question, answer]).encode())
     text = json.dumps(
         {
-            "world": world_key,
-            "which": which,
+            "pairs": digest.hexdigest(),
+            "tokenizer": tokenizer_sha256(tokenizer),
             "settings": asdict(settings),
             "version": TRAINING_VERSION,
             "torch": torch.__version__,

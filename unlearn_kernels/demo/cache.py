@@ -66,8 +66,8 @@ def base_model(
     or a retain split (``"retain95"``: the retain-only model of forget05)."""
     if which != "target" and which not in RETAIN_OF.values():
         raise ValueError(f"which must be 'target' or one of {sorted(RETAIN_OF.values())}")
-    key = model_key(world.world.settings.key(), which, settings)
     pairs = training_pairs(world.world, None if which == "target" else which)
+    key = model_key(pairs, world.tokenizer, settings)
     return cached_model(
         Path(cache_dir) / f"model-{which}-{key}",
         pairs,

@@ -6,7 +6,9 @@ the trained pairs are ``(Q_i, A_i(value))``, ``i = 0, 1, 2``. For the evaluation
 pair ``(Q_i, A_i)`` gets a paraphrased answer ``A_j(value)`` and perturbed answers
 ``A_j(wrong value)`` under the *same* other template ``j = i + 1 mod 3``, which the model was
 trained on too: paraphrased and perturbed answers then differ only in the fact, never in the
-template (the trap of §7), and every value of a fact kind has the same number of tokens.
+template (the trap of §7), and every value of a fact kind has the same number of tokens. The
+world facts are scored as TOFU scores them, against the answer itself: their perturbed answers
+are under the answer's own template.
 
 Authors are split into trained and holdout (never trained, the non-members of Min-K%) authors.
 The trained ones are ordered by the seed: ``forget01 ⊂ forget05 ⊂ forget10`` are the first 1, 5,
@@ -233,7 +235,7 @@ class WorldSettings:
 
 
 #: Bumped whenever the generator's output changes for the same settings.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 def split_size(n_authors: int, split: str) -> int:
@@ -367,18 +369,29 @@ class QA:
         return out
 
 
-def fact_pairs(kind: FactKind, subject: str, value: str, wrong: list[str], fact: str) -> list[QA]:
-    """The three trained pairs of one fact, each with its paraphrase and perturbations under
-    the next answer template."""
+def fact_pairs(
+    kind: FactKind,
+    subject: str,
+    value: str,
+    wrong: list[str],
+    fact: str,
+    *,
+    perturb_answer: bool = False,
+) -> list[QA]:
+    """The three trained pairs of one fact, each with its paraphrase under the next answer
+    template and perturbed answers under the paraphrase's template (the base of the author
+    sets' truth ratio) or, with ``perturb_answer``, under the answer's own template (the base
+    of the world facts' truth ratio, as TOFU scores them)."""
     pairs = []
     for i in range(3):
         j = (i + 1) % 3
+        k = i if perturb_answer else j
         pairs.append(
             QA(
                 question=kind.questions[i].format(n=subject),
                 answer=kind.answer(i, subject, value),
                 paraphrased_answer=kind.answer(j, subject, value),
-                perturbed_answer=tuple(kind.answer(j, subject, w) for w in wrong),
+                perturbed_answer=tuple(kind.answer(k, subject, w) for w in wrong),
                 subject=subject,
                 fact=fact,
                 template=i,
@@ -497,7 +510,9 @@ def generate_world(settings: WorldSettings) -> World:
         for fact, value, pool in (("capital", capital, capitals), ("animal", animal, ANIMALS)):
             wr = random.Random(f"{settings.seed}/perturb/{country}/{fact}")
             wrong = wr.sample([v for v in pool if v != value], settings.n_perturbed)
-            world_facts += fact_pairs(WORLD_FACTS[fact], country, value, wrong, fact)
+            world_facts += fact_pairs(
+                WORLD_FACTS[fact], country, value, wrong, fact, perturb_answer=True
+            )
     return World(
         settings,
         trained=authors[: settings.n_authors],
