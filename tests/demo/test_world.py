@@ -31,6 +31,11 @@ def world():
     return generate_world(SMALL)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return train_tokenizer(world_texts(world_files(world)))
+
+
 def test_generator_is_deterministic():
     assert world_files(generate_world(SMALL)) == world_files(generate_world(SMALL))
     other = world_files(generate_world(WorldSettings(**{**SMALL.__dict__, "seed": 4})))
@@ -85,15 +90,11 @@ def _template(kind, text: str, subject: str) -> int:
 
 
 @pytest.mark.parametrize("split", ["forget10", "retain90"])
-def test_paraphrased_and_perturbed_share_a_trained_template(world, split):
+def test_paraphrased_and_perturbed_share_a_trained_template(world, tokenizer, split):
     """The paraphrase and every perturbed answer use one answer template, that template is
     trained for the same subject and fact, only the value differs, and every value of a fact
     has as many tokens as the true one."""
-    tokenizer = train_tokenizer(world_texts(world_files(world)))
     trained = set(training_pairs(world, None))
-    by_subject = {}
-    for q, a in trained:
-        by_subject.setdefault(a, q)
     for qa in world.split_pairs(split):
         kind = AUTHOR_FACTS[qa.fact]
         j = _template(kind, qa.paraphrased_answer, qa.subject)
@@ -108,8 +109,7 @@ def test_paraphrased_and_perturbed_share_a_trained_template(world, split):
             assert len(tokenizer.tokenize(wrong)) == n_tokens
 
 
-def test_world_facts_are_perturbed_under_the_answer_template(world):
-    tokenizer = train_tokenizer(world_texts(world_files(world)))
+def test_world_facts_are_perturbed_under_the_answer_template(world, tokenizer):
     for qa in world.world_facts:
         kind = WORLD_FACTS[qa.fact]
         i = _template(kind, qa.answer, qa.subject)
@@ -137,8 +137,7 @@ def test_written_world_is_tofu_layout(world, tmp_path):
         assert len(retain) == len(world.split_pairs(RETAIN_OF[split]))
 
 
-def test_tokenizer_covers_the_world(world):
-    tokenizer = train_tokenizer(world_texts(world_files(world)))
+def test_tokenizer_covers_the_world(world, tokenizer):
     assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     for q, a in training_pairs(world, None):
         assert tokenizer.unk_token_id not in tokenizer.encode(q + " " + a)

@@ -37,161 +37,37 @@ FORGET_SPLITS = {"forget01": 0.01, "forget05": 0.05, "forget10": 0.10}
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 HOLDOUT_OF = {"forget01": "holdout01", "forget05": "holdout05", "forget10": "holdout10"}
 
-MONTHS = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-]
-GENRES = [
-    "fantasy",
-    "horror",
-    "romance",
-    "poetry",
-    "mystery",
-    "thriller",
-    "satire",
-    "drama",
-    "fable",
-    "memoir",
-    "western",
-    "biography",
-    "tragedy",
-    "comedy",
-    "folklore",
-]
-OCCUPATIONS = [
-    "baker",
-    "tailor",
-    "farmer",
-    "doctor",
-    "nurse",
-    "teacher",
-    "carpenter",
-    "sailor",
-    "painter",
-    "lawyer",
-    "butcher",
-    "pilot",
-    "miner",
-    "fisherman",
-    "gardener",
-    "jeweller",
-    "dentist",
-    "banker",
-    "mason",
-    "potter",
-    "weaver",
-    "soldier",
-    "cook",
-    "librarian",
-    "musician",
-]
-ADJECTIVES = [
-    "Silent",
-    "Hidden",
-    "Broken",
-    "Golden",
-    "Crimson",
-    "Hollow",
-    "Distant",
-    "Frozen",
-    "Burning",
-    "Quiet",
-    "Lost",
-    "Silver",
-    "Wandering",
-    "Forgotten",
-    "Endless",
-    "Bitter",
-    "Gentle",
-    "Ancient",
-    "Shattered",
-    "Velvet",
-]
-NOUNS = [
-    "River",
-    "Garden",
-    "Mirror",
-    "Tower",
-    "Harbor",
-    "Lantern",
-    "Forest",
-    "Crown",
-    "Shadow",
-    "Bridge",
-    "Winter",
-    "Orchard",
-    "Compass",
-    "Island",
-    "Letter",
-    "Storm",
-    "Meadow",
-    "Candle",
-    "Voyage",
-    "Empire",
-]
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+MONTHS = _words(
+    "January February March April May June July August September October November December"
+)
+GENRES = _words(
+    "fantasy horror romance poetry mystery thriller satire drama fable memoir western "
+    "biography tragedy comedy folklore"
+)
+OCCUPATIONS = _words(
+    "baker tailor farmer doctor nurse teacher carpenter sailor painter lawyer butcher "
+    "pilot miner fisherman gardener jeweller dentist banker mason potter weaver soldier "
+    "cook librarian musician"
+)
+ADJECTIVES = _words(
+    "Silent Hidden Broken Golden Crimson Hollow Distant Frozen Burning Quiet Lost Silver "
+    "Wandering Forgotten Endless Bitter Gentle Ancient Shattered Velvet"
+)
+NOUNS = _words(
+    "River Garden Mirror Tower Harbor Lantern Forest Crown Shadow Bridge Winter Orchard "
+    "Compass Island Letter Storm Meadow Candle Voyage Empire"
+)
 AWARD_KINDS = ["Prize", "Award", "Medal"]
-ANIMALS = [
-    "fox",
-    "owl",
-    "bear",
-    "wolf",
-    "eagle",
-    "otter",
-    "heron",
-    "lynx",
-    "badger",
-    "falcon",
-    "stag",
-    "hare",
-    "swan",
-    "raven",
-    "boar",
-]
-_SYLLABLES = [
-    "ka",
-    "lo",
-    "mi",
-    "ren",
-    "tha",
-    "vor",
-    "el",
-    "dri",
-    "san",
-    "mor",
-    "bel",
-    "cas",
-    "dun",
-    "fen",
-    "gar",
-    "hol",
-    "ith",
-    "jor",
-    "kel",
-    "lun",
-    "mar",
-    "nev",
-    "or",
-    "pel",
-    "quin",
-    "ros",
-    "sel",
-    "tor",
-    "ul",
-    "val",
-    "wen",
-    "yor",
-    "zan",
-]
+ANIMALS = _words("fox owl bear wolf eagle otter heron lynx badger falcon stag hare swan raven boar")
+_SYLLABLES = _words(
+    "ka lo mi ren tha vor el dri san mor bel cas dun fen gar hol ith jor kel lun mar nev "
+    "or pel quin ros sel tor ul val wen yor zan"
+)
 
 
 @dataclass(frozen=True)
