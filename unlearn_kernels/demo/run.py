@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import shutil
 import time
@@ -36,13 +37,15 @@ METHOD_NAMES = ("ngdiff", "ga", "graddiff", "yao", "npo", "simnpo")
 
 @dataclass(frozen=True)
 class MethodSettings:
-    """One method's unlearning run: LoRA rank, steps, learning rate, the method's own keys."""
+    """One method's unlearning run: steps, learning rate, LoRA rank/alpha/modules, examples per
+    set per step, the method's own keys."""
 
     steps: int = 60
     lr: float = 1e-3
     r: int = 8
     alpha: float = 16.0
     batch_size: int = 8
+    target_modules: str | tuple[str, ...] = "all-linear"
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -186,7 +189,14 @@ def run_config(
                 "max_length": 64,
             },
             "method": {"name": method, **m.params},
-            "adapter": {"kind": "lora", "r": m.r, "alpha": m.alpha},
+            "adapter": {
+                "kind": "lora",
+                "r": m.r,
+                "alpha": m.alpha,
+                "target_modules": m.target_modules
+                if isinstance(m.target_modules, str)
+                else list(m.target_modules),
+            },
             "train": {
                 "steps": m.steps,
                 "batch_size": m.batch_size,
@@ -258,6 +268,7 @@ def unlearn_one(
         progress=progress,
         **_eval_options(settings),
     )
+    write_text_atomically(out / "report.json", report.to_json())
     extra = {"seconds": seconds, "peak_bytes": summary.peak_extra_bytes, "steps": summary.steps}
     if settings.compare_unfused:
         plain = runs_dir / f"{method}-unfused"
@@ -278,8 +289,10 @@ def run_demo(
     *,
     progress: bool = True,
     echo=print,
+    command: str = "unlearn-kernels demo",
 ) -> dict[str, Any]:
-    """The whole demo (module docstring); returns what ``results.json`` holds."""
+    """The whole demo (module docstring); returns what ``results.json`` holds. ``command`` is
+    recorded in ``results.md``."""
     from unlearn_kernels.eval import read_tofu
 
     started = time.perf_counter()
@@ -350,8 +363,21 @@ def run_demo(
         "timings": timings,
     }
     write_results(out, results)
+    write_text_atomically(out / "results.md", results_markdown(results, command))
     echo(format_table(results))
     return results
+
+
+def results_markdown(results: dict[str, Any], command: str) -> str:
+    """``results.md``: the command, the table, the settings of each method, the timings."""
+    lines = [f"Command: `{command}`", "", format_table(results), "", "Settings:", ""]
+    for name in results["settings"]["methods"]:
+        lines.append(f"- {name}: `{json.dumps(results['settings']['method_settings'][name])}`")
+    base = results["settings"]["base"]
+    lines.append(f"- base models: `{json.dumps(base)}`")
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in results["timings"].items())
+    lines += ["", f"Timings: {timings}."]
+    return "\n".join(lines) + "\n"
 
 
 def _info(info: dict[str, Any]) -> dict[str, Any]:
