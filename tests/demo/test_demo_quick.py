@@ -17,7 +17,7 @@ from unlearn_kernels.demo.world import WorldSettings
 pytestmark = pytest.mark.hf
 
 TINY = DemoSettings.quick(
-    world=WorldSettings(n_authors=10, n_holdout=1, n_countries=3, n_retain_eval=30),
+    world=WorldSettings(n_authors=10, n_holdout=1, n_countries=4, n_retain_eval=30),
     base=BaseSettings(
         hidden_size=32, layers=2, heads=2, intermediate_size=64, epochs=40, batch_size=16, lr=1e-2
     ),

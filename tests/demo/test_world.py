@@ -149,6 +149,7 @@ def test_tokenizer_covers_the_world(world, tokenizer):
         ({"n_authors": 5}, "n_authors"),
         ({"n_holdout": 1}, "n_holdout"),
         ({"n_perturbed": 0}, "n_perturbed"),
+        ({"n_countries": 3}, "n_countries"),
     ],
 )
 def test_bad_settings(kwargs, match):

@@ -96,6 +96,11 @@ class WorldSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.n_countries <= self.n_perturbed:
+            raise ValueError(
+                f"n_countries ({self.n_countries}) must exceed n_perturbed ({self.n_perturbed}): "
+                "a capital's wrong answers are the other capitals"
+            )
         if self.n_authors < 10:
             raise ValueError(f"n_authors must be at least 10, got {self.n_authors}")
         if self.n_holdout < split_size(self.n_authors, "forget10"):
