@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_kernels._io import write_json_atomically, write_text_atomically
+from unlearn_kernels.demo import METHOD_NAMES
 from unlearn_kernels.demo.base import BaseSettings, default_cache_dir
 from unlearn_kernels.demo.cache import WorldDir, base_model, prepare_world
 from unlearn_kernels.demo.world import FORGET_SPLITS, RETAIN_OF, WorldSettings
 
 log = logging.getLogger("unlearn_kernels")
 
-METHOD_NAMES = ("ngdiff", "ga", "graddiff", "yao", "npo", "simnpo")
 
 
 @dataclass(frozen=True)
