@@ -19,7 +19,7 @@ pytestmark = pytest.mark.hf
 TINY = DemoSettings.quick(
     world=WorldSettings(n_authors=10, n_holdout=1, n_countries=4, n_retain_eval=30),
     base=BaseSettings(
-        hidden_size=32, layers=2, heads=2, intermediate_size=64, epochs=40, batch_size=16, lr=1e-2
+        hidden_size=32, layers=2, heads=2, intermediate_size=64, epochs=20, batch_size=16, lr=2e-2
     ),
     method_settings={"ngdiff": MethodSettings(steps=4, lr=1e-3, r=4)},
     eval_every=2,
