@@ -689,7 +689,17 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     require(
-        "transformers", "peft", "scipy", "rouge_score", "matplotlib", purpose="unlearn-kernels demo"
+        "transformers",
+        "tokenizers",
+        "peft",
+        "safetensors",
+        "pydantic",
+        "yaml",
+        "tqdm",
+        "scipy",
+        "rouge_score",
+        "matplotlib",
+        purpose="unlearn-kernels demo",
     )
     from dataclasses import replace
 

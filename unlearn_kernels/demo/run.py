@@ -34,7 +34,6 @@ from unlearn_kernels.demo.world import FORGET_SPLITS, RETAIN_OF, WorldSettings
 log = logging.getLogger("unlearn_kernels")
 
 
-
 @dataclass(frozen=True)
 class MethodSettings:
     """One method's unlearning run: steps, learning rate, LoRA rank/alpha/modules, examples per
