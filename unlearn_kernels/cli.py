@@ -12,6 +12,10 @@ reference model once over a data set and writes a reference cache (see
 model directory's tokenizer, with its own BOS/EOS) or a pre-tokenised ``.safetensors`` file
 (see :mod:`unlearn_kernels.data.formats`).
 
+``unlearn-kernels demo [--out DIR] [--cache-dir DIR] [--quick] [--methods ...]`` runs the
+demo (:mod:`unlearn_kernels.demo.run`): a fictitious-author world, its base models, every
+method's unlearning scored with TOFU's and MUSE's metrics, and one table.
+
 ``unlearn-kernels eval --model DIR [--adapter DIR] --data DIR [options]`` scores a local causal
 LM (optionally with a PEFT adapter) on TOFU-format data with TOFU's and MUSE's metrics (see
 :mod:`unlearn_kernels.eval`), prints them as a table and writes the report as JSON (``--out``);
@@ -32,6 +36,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -682,8 +687,95 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     evaluation.set_defaults(func=_eval)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    require(
+        "transformers",
+        "tokenizers",
+        "peft",
+        "safetensors",
+        "pydantic",
+        "yaml",
+        "tqdm",
+        "scipy",
+        "rouge_score",
+        "matplotlib",
+        purpose="unlearn-kernels demo",
+    )
+    from dataclasses import replace
+
+    from unlearn_kernels.demo.run import DemoSettings, check_results, run_demo
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    overrides: dict[str, Any] = {}
+    if args.forget_split is not None:
+        overrides["forget_split"] = args.forget_split
+    if args.methods is not None:
+        overrides["methods"] = tuple(args.methods)
+    settings = DemoSettings.quick(**overrides) if args.quick else DemoSettings(**overrides)
+    if args.authors is not None:
+        holdout = max(1, round(0.1 * args.authors))
+        settings = replace(
+            settings, world=replace(settings.world, n_authors=args.authors, n_holdout=holdout)
+        )
+    if args.base_epochs is not None:
+        settings = replace(settings, base=replace(settings.base, epochs=args.base_epochs))
+    if args.steps is not None:
+        settings = replace(
+            settings,
+            method_settings={
+                name: replace(m, steps=args.steps) for name, m in settings.method_settings.items()
+            },
+        )
+    results = run_demo(
+        settings,
+        args.out,
+        args.cache_dir,
+        progress=show_progress(args),
+        command=shlex.join(["unlearn-kernels", *args.argv]),
+    )
+    missed = check_results(results)
+    if missed:
+        print("NGDiff misses: " + "; ".join(missed))
+    print(f"Results in {args.out}/ (results.csv, results.json, results.md, two PNG plots).")
+    return 0
+
+
+def _add_demo(commands: argparse._SubParsersAction) -> None:
+    from unlearn_kernels.demo import METHOD_NAMES
+    from unlearn_kernels.demo.world import FORGET_SPLITS
+
+    demo = add_command(
+        commands,
+        "demo",
+        help="the demo: a fictitious world, its models, unlearning scored (CPU, minutes)",
+        description="Generate a fictitious-author world, train its target and retain-only "
+        "models (cached), unlearn with NGDiff and the baselines, and print the TOFU/MUSE table.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-out"), help="results directory")
+    demo.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="world and model cache (default: $XDG_CACHE_HOME/unlearn-kernels)",
+    )
+    demo.add_argument("--quick", action="store_true", help="NGDiff alone")
+    demo.add_argument("--methods", nargs="+", choices=METHOD_NAMES, help="methods to run")
+    demo.add_argument(
+        "--forget-split", choices=sorted(FORGET_SPLITS), help="forget split (default: forget01)"
+    )
+    demo.add_argument(
+        "--authors", type=_int_at_least(10), help="trained authors (size knob; default: 200)"
+    )
+    demo.add_argument("--base-epochs", type=_int_at_least(1), help="base-model epochs (size knob)")
+    demo.add_argument("--steps", type=_int_at_least(1), help="unlearning steps of every method")
+    demo.add_argument(
+        "--threads", type=_int_at_least(1), help="torch CPU threads (default: torch's choice)"
+    )
+    demo.set_defaults(func=_demo)
+
+
 #: Subcommands in the order ``--help`` lists them.
-_SUBCOMMANDS = (_add_run, _add_cache, _add_eval)
+_SUBCOMMANDS = (_add_run, _add_cache, _add_eval, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -692,8 +784,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unlearn-kernels",
         description=(
             "Fused loss kernels for LLM unlearning: train an unlearning adapter (run), build "
-            "the reference cache its KL and NPO terms read (cache), and score a model with "
-            "TOFU's and MUSE's metrics (eval)."
+            "the reference cache its KL and NPO terms read (cache), score a model with "
+            "TOFU's and MUSE's metrics (eval), and see it all on a fictitious world (demo)."
         ),
         formatter_class=HelpFormatter,
     )
@@ -708,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unlearn-kernels`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     level = log.level
