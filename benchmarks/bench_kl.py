@@ -72,7 +72,7 @@ def floor_fn(inputs: dict, with_reference: bool, rows: int | None = None) -> Cal
     n, vocab = rows or hidden.shape[0], weight.shape[0]
 
     def run() -> float:
-        step = chunk_rows(n, vocab, None)
+        step = chunk_rows(n, vocab, None, 4)
         logits = torch.empty(step, vocab)
         ref_logits = torch.empty(step, vocab) if with_reference else None
         grad_hidden = torch.empty(n, hidden.shape[1])
@@ -148,7 +148,7 @@ def measure_times(job: str, args: argparse.Namespace) -> dict:
     elif job == "topk_time":
         fns = {"floor": floor_fn(inputs, False), "fused": op_fn("topk_fused", inputs, backend)}
     else:
-        rows = chunk_rows(args.n, args.vocab, None)
+        rows = chunk_rows(args.n, args.vocab, None, 4)
         fns = {
             "kl_floor": floor_fn(inputs, True, rows),
             "kl_fused": op_fn("kl_fused", inputs, backend, rows),

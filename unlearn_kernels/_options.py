@@ -61,6 +61,8 @@ class CEOptions:
     reduction: str
     chunk_size: int | None
     backend: str
+    #: ``"auto"``, ``"input"`` or ``"float32"``: see :mod:`unlearn_kernels.ops.chunking`
+    logits_dtype: str = "auto"
     return_lse: bool = False
     return_token_accuracy: bool = False
     return_predicted_tokens: bool = False
@@ -94,5 +96,7 @@ class KLOptions:
     reduction: str
     chunk_size: int | None
     backend: str
+    #: ``"auto"``, ``"input"`` or ``"float32"``: see :mod:`unlearn_kernels.ops.chunking`
+    logits_dtype: str = "auto"
     #: ``hidden.shape[0]``: the denominator of ``batchmean``
     batch: int = 1

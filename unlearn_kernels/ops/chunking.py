@@ -2,14 +2,28 @@
 
 1. :func:`select_rows` keeps the rows that carry a loss (label ≠ ignore_index and token weight
    ≠ 0) *before* any matrix product, so prompt and padding rows cost nothing.
-2. :func:`sweep` walks those rows in chunks of ``m`` rows. Per chunk it forms the logits
-   ``X = H_c Wᵀ (+ b)`` with torch's matmul into one reused ``[m, V]`` buffer, lets the
-   backend epilogue finish the loss and overwrite ``X`` with ``G = ∂loss/∂X``, then projects
-   ``dH_c = G W``, ``dW += Gᵀ H_c`` (fp32 accumulator) and ``db += Σ_rows G``.
+2. :func:`plan_chunks` sizes the chunks: ``m`` rows whose ``[m, V]`` logits buffer, in the dtype
+   it really has (:func:`logits_dtype_for`), fits :data:`CHUNK_BUDGET_BYTES`, ``m`` a multiple
+   of :data:`ROW_MULTIPLE` (whole GEMM tiles), at least :data:`MIN_CHUNK_ROWS`, and the chunks
+   of near-equal size.
+3. :func:`sweep` walks the selected rows chunk by chunk. Per chunk it gathers the chunk's hidden
+   rows into one reused ``[m, d]`` buffer, forms the logits ``X = H_c Wᵀ (+ b)`` into one
+   reused ``[m, V]`` buffer, lets the backend epilogue finish the loss and overwrite ``X`` with
+   ``G = ∂loss/∂X``, then projects ``dW += Gᵀ H_c`` and ``db += Σ_rows G`` into fp32
+   accumulators and ``G W`` into the gathered-rows buffer, from where it is scattered straight
+   into the rows of the final ``[N, d]`` ``dH``. No copy of all the selected rows and no staging
+   ``dH`` exist: beyond the inputs and the returned gradients, a sweep holds one chunk of logits
+   (plus one of reference logits for KL, and on CUDA with fp32 logits of bf16/fp16 inputs their
+   gradient cast to the input dtype for the products) and one ``[m, d]`` buffer.
 
-At most one chunk of logits (plus one of reference logits for KL) is ever alive.
+Logits dtype (``logits_dtype``): ``"auto"`` gives fp32 logits for bf16/fp16 inputs on CUDA (the
+GEMM writes fp32: ``torch.mm(..., out_dtype=torch.float32)``) and the input dtype on CPU, where
+torch has no GEMM with a wider output and fp32 products cost ~4× the bf16 ones
+(``benchmarks/results/logits_dtype.md``); ``"input"`` keeps the input dtype everywhere;
+``"float32"`` forces fp32 logits (on CPU by running the products in fp32 on an fp32 copy of the
+weight). fp32 and fp64 inputs always have logits of their own dtype.
 
-3. Every loss forward is one of two sweeps over a :data:`RowEpilogue`:
+4. Every loss forward is one of two sweeps over a :data:`RowEpilogue`:
    :func:`sweep_row_losses` (``reduction='none'``: per-row losses and the statistics its
    recompute-mode backward needs) or :func:`sweep_loss_and_grads` (``sum``/``mean``/
    ``batchmean``: the reduced loss and its gradients in the same sweep); both also keep any
@@ -18,21 +32,49 @@ At most one chunk of logits (plus one of reference logits for KL) is ever alive.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-#: Default budget for one chunk of fp32 logits.
+#: Default budget for one chunk's logits buffer, in the buffer's own dtype.
 CHUNK_BUDGET_BYTES = 256 * 2**20
 #: Below this many rows the products stop running at full speed (measured on CPU and GPU).
 MIN_CHUNK_ROWS = 512
+#: Chunk row counts are multiples of this (GEMM tile heights divide it), except a shorter last
+#: chunk and chunks of fewer rows than there are.
+ROW_MULTIPLE = 128
+#: Values of the ops' ``logits_dtype`` option.
+LOGITS_DTYPES = ("auto", "input", "float32")
+#: V-slices of the CPU's bf16/fp16 ``dW`` update (each product rounded to bf16, then added in
+#: fp32), bounding its temporary to ``V/8 × d``.
+CPU_DW_SLICES = 8
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 accumulation for fp32/fp16/bf16 inputs; fp64 stays fp64 (for ``gradcheck``)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def check_logits_dtype(logits_dtype: str) -> str:
+    """``logits_dtype`` is one of :data:`LOGITS_DTYPES` (``ValueError`` naming it otherwise)."""
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"logits_dtype must be one of {LOGITS_DTYPES}, got {logits_dtype!r}")
+    return logits_dtype
+
+
+def logits_dtype_for(dtype: torch.dtype, device_type: str, mode: str = "auto") -> torch.dtype:
+    """The dtype of the chunk logits for inputs of ``dtype`` on ``device_type`` (see the module
+    docstring): fp32 for bf16/fp16 inputs with ``"float32"``, or ``"auto"`` on CUDA; else
+    ``dtype``."""
+    check_logits_dtype(mode)
+    if dtype not in _LOW_PRECISION or mode == "input":
+        return dtype
+    if mode == "float32" or device_type == "cuda":
+        return torch.float32
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -71,28 +113,137 @@ def select_rows(
     return RowSelection(index, target, weight, n_labelled)
 
 
-def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else ``max(512, budget / 4V)`` balanced so the
-    chunks of ``n_rows`` come out of near-equal size (no small, slow last product)."""
+def chunk_rows(n_rows: int, vocab: int, chunk_size: int | None, element_size: int) -> int:
+    """Rows per chunk: ``chunk_size`` if given; else the most rows, a multiple of
+    :data:`ROW_MULTIPLE` and at least :data:`MIN_CHUNK_ROWS`, whose ``[rows, vocab]`` buffer of
+    ``element_size``-byte logits fits :data:`CHUNK_BUDGET_BYTES`, lowered (still a multiple of
+    :data:`ROW_MULTIPLE`) so the chunks of ``n_rows`` come out of near-equal size."""
     if chunk_size is not None:
         return max(1, min(chunk_size, n_rows))
-    target = max(MIN_CHUNK_ROWS, CHUNK_BUDGET_BYTES // (4 * vocab))
-    n_chunks = max(1, -(-n_rows // target))
-    return max(1, -(-n_rows // n_chunks))
+    fits = CHUNK_BUDGET_BYTES // (element_size * vocab) // ROW_MULTIPLE * ROW_MULTIPLE
+    target = max(MIN_CHUNK_ROWS, fits)
+    if n_rows <= target:
+        return max(1, n_rows)
+    n_chunks = -(-n_rows // target)
+    balanced = -(-n_rows // n_chunks)
+    return -(-balanced // ROW_MULTIPLE) * ROW_MULTIPLE
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a sweep walks ``n_rows`` selected rows through a ``[vocab, d]`` output layer: what
+    :func:`sweep` allocates and loops over, and what ``benchmarks/gpu_model.py`` models."""
+
+    n_rows: int
+    #: rows per chunk (the last chunk may be shorter)
+    rows: int
+    vocab: int
+    d: int
+    input_dtype: torch.dtype
+    logits_dtype: torch.dtype
+    #: dtype of the products' operands: the input dtype, fp32 for fp32 logits on CPU
+    operand_dtype: torch.dtype
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.rows)
+
+    def bounds(self) -> Iterator[tuple[int, int]]:
+        """``(start, end)`` of every chunk."""
+        for start in range(0, self.n_rows, self.rows):
+            yield start, min(start + self.rows, self.n_rows)
+
+    @property
+    def casts_gradient(self) -> bool:
+        """Whether the logit gradient is cast to the operand dtype before the products (fp32
+        logits of bf16/fp16 inputs on CUDA)."""
+        return self.logits_dtype != self.operand_dtype
+
+    def buffer_bytes(self, logits_buffers: int = 1, row_buffers: int = 1) -> dict[str, int]:
+        """Bytes of the buffers a sweep allocates: ``logits_buffers`` ``[m, V]`` logits (2 for
+        KL: student and reference), the gradient cast when :attr:`casts_gradient`,
+        ``row_buffers`` ``[m, d]`` gathered rows (2 for exact KL), and the fp32 weight copy
+        of fp32 logits on CPU (per weight the sweep multiplies by)."""
+        m = min(self.rows, self.n_rows)
+        logits, operand = _element_size(self.logits_dtype), _element_size(self.operand_dtype)
+        sizes = {
+            "logits": logits_buffers * m * self.vocab * logits,
+            "rows": row_buffers * m * self.d * operand,
+        }
+        if self.casts_gradient:
+            sizes["gradient_cast"] = m * self.vocab * operand
+        if self.operand_dtype != self.input_dtype:
+            sizes["weight_copy"] = self.vocab * self.d * operand
+        return sizes
+
+
+def plan_chunks(
+    n_rows: int,
+    vocab: int,
+    d: int,
+    dtype: torch.dtype,
+    device_type: str,
+    logits_dtype: str = "auto",
+    chunk_size: int | None = None,
+) -> ChunkPlan:
+    """The :class:`ChunkPlan` of ``n_rows`` selected rows of ``dtype`` inputs on
+    ``device_type`` (``"cpu"``/``"cuda"``), chunked by :func:`chunk_rows` for the logits' real
+    element size (:func:`logits_dtype_for`)."""
+    logits = logits_dtype_for(dtype, device_type, logits_dtype)
+    operand = dtype if device_type == "cuda" else logits
+    rows = chunk_rows(n_rows, vocab, chunk_size, _element_size(logits))
+    return ChunkPlan(n_rows, rows, vocab, d, dtype, logits, operand)
+
+
+def operand(tensor: Tensor | None, plan: ChunkPlan) -> Tensor | None:
+    """A weight in the plan's operand dtype (a copy only for fp32 logits on CPU)."""
+    return None if tensor is None else tensor.to(plan.operand_dtype)
 
 
 def linear_into(out: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``out ← h Wᵀ (+ b)`` without allocating."""
+    """``out ← h Wᵀ (+ b)`` without allocating; a wider ``out`` (fp32 for bf16/fp16 ``h``, on
+    CUDA) is written by the GEMM itself (``out_dtype``), the bias then taken in ``out``'s
+    dtype."""
+    if out.dtype == h.dtype:
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
     if bias is None:
-        return torch.mm(h, weight.t(), out=out)
-    return torch.addmm(bias, h, weight.t(), out=out)
+        return torch.mm(h, weight.t(), out_dtype=out.dtype, out=out)
+    return torch.addmm(bias.to(out.dtype), h, weight.t(), out_dtype=out.dtype, out=out)
+
+
+def gather_rows(out: Tensor, source: Tensor, index: Tensor) -> Tensor:
+    """``out ← source[index]`` (cast to ``out``'s dtype; a temporary only when it differs)."""
+    if source.dtype == out.dtype and source.device == out.device:
+        return torch.index_select(source, 0, index.to(source.device), out=out)
+    return out.copy_(source.index_select(0, index.to(source.device)))
+
+
+def accumulate_outer(acc: Tensor, g: Tensor, h: Tensor) -> None:
+    """``acc += gᵀ h`` accumulated in ``acc``'s dtype by the GEMM itself where torch has one
+    (same dtypes, or ``out_dtype`` on CUDA); bf16/fp16 on CPU: products of V-slices (each
+    rounded to the input dtype, :data:`CPU_DW_SLICES` of them) added in fp32, the cheapest
+    correct path there (fp32 products cost ~4× the bf16 ones)."""
+    if g.dtype == acc.dtype:
+        acc.addmm_(g.t(), h)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, g.t(), h, out_dtype=acc.dtype, out=acc)
+    else:
+        step = -(-acc.shape[0] // CPU_DW_SLICES)
+        for v in range(0, acc.shape[0], step):
+            acc[v : v + step].add_(g[:, v : v + step].t() @ h)
 
 
 @dataclass
 class GradTargets:
     """Where :func:`sweep` projects the logit gradient; ``None`` entries are skipped."""
 
-    hidden: Tensor | None = None  # [n, d], hidden's dtype: dH for the selected rows
+    hidden: Tensor | None = None  # [N, d], hidden's dtype: the final dH, all rows
     weight: Tensor | None = None  # [V, d] fp32 (fp64) accumulator
     bias: Tensor | None = None  # [V] fp32 (fp64) accumulator
 
@@ -107,64 +258,79 @@ Epilogue = Callable[[int, int, Tensor], None]
 
 
 def sweep(
-    hidden_rows: Tensor,
+    hidden: Tensor,
+    index: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     epilogue: Epilogue,
     grads: GradTargets,
-    chunk_size: int | None,
+    plan: ChunkPlan,
 ) -> None:
-    """Run ``epilogue`` over every chunk of ``hidden_rows @ weightᵀ`` and project gradients."""
-    n = hidden_rows.shape[0]
-    if n == 0:
+    """Run ``epilogue`` over every chunk of ``hidden[index] @ weightᵀ`` and project gradients
+    (``hidden`` ``[N, d]``, ``index`` the ``plan.n_rows`` selected rows)."""
+    if plan.n_rows == 0:
         return
-    rows = chunk_rows(n, weight.shape[0], chunk_size)
-    buffer = torch.empty(rows, weight.shape[0], dtype=hidden_rows.dtype, device=hidden_rows.device)
-    for start in range(0, n, rows):
-        end = min(start + rows, n)
-        h = hidden_rows[start:end]
-        logits = linear_into(buffer[: end - start], h, weight, bias)
-        epilogue(start, end, logits)
-        project(logits, h, weight, grads, start, end)
+    m, device = min(plan.rows, plan.n_rows), hidden.device
+    w, b = operand(weight, plan), None if bias is None else bias.to(plan.logits_dtype)
+    logits = torch.empty(m, plan.vocab, dtype=plan.logits_dtype, device=device)
+    rows = torch.empty(m, plan.d, dtype=plan.operand_dtype, device=device)
+    cast = None
+    if plan.casts_gradient and (grads.hidden is not None or grads.weight is not None):
+        cast = torch.empty(m, plan.vocab, dtype=plan.operand_dtype, device=device)
+    for start, end in plan.bounds():
+        chunk = index[start:end]
+        h = gather_rows(rows[: end - start], hidden, chunk)
+        x = linear_into(logits[: end - start], h, w, b)
+        epilogue(start, end, x)
+        project(x, h, w, grads, chunk, cast)
 
 
-def project(g: Tensor, h: Tensor, weight: Tensor, grads: GradTargets, start: int, end: int) -> None:
-    """``dH[start:end] = G W``, ``dW += Gᵀ H``, ``db += Σ G`` (the last two in fp32)."""
-    if grads.hidden is not None:
-        torch.mm(g, weight, out=grads.hidden[start:end])
-    if grads.weight is not None:
-        if g.dtype == grads.weight.dtype:
-            grads.weight.addmm_(g.t(), h)
-        else:
-            grads.weight.add_(g.t() @ h)
+def project(
+    g: Tensor, h: Tensor, weight: Tensor, grads: GradTargets, index: Tensor, cast: Tensor | None
+) -> None:
+    """``dW += Gᵀ H``, ``db += Σ G`` (fp32 accumulators), then ``dH[index] = G W``, computed
+    into ``h`` (the chunk's gathered rows, no longer needed) and scattered into the final
+    ``dH``; ``G`` is first cast into ``cast`` when it is wider than the operands."""
     if grads.bias is not None:
         grads.bias.add_(g.sum(0, dtype=grads.bias.dtype))
+    if cast is not None:
+        g = cast[: g.shape[0]].copy_(g)
+    if grads.weight is not None:
+        accumulate_outer(grads.weight, g, h)
+    if grads.hidden is not None:
+        dh = torch.mm(g, weight, out=h)
+        grads.hidden.index_copy_(0, index, dh.to(grads.hidden.dtype))
 
 
 def allocate_grads(
-    hidden_rows: Tensor, weight: Tensor, bias: Tensor | None, needs: tuple[bool, bool, bool]
+    hidden: Tensor,
+    n_selected: int,
+    weight: Tensor,
+    bias: Tensor | None,
+    needs: tuple[bool, bool, bool],
 ) -> GradTargets:
-    """Gradient targets for the ``(hidden, weight, bias)`` inputs that need a gradient."""
+    """Gradient targets for the ``(hidden, weight, bias)`` inputs that need a gradient; ``dH``
+    is the final ``[N, d]`` gradient (zeros unless all ``N`` rows are selected)."""
     need_hidden, need_weight, need_bias = needs
     acc = {"dtype": accumulate_dtype(weight.dtype), "device": weight.device}
+    grad_hidden = None
+    if need_hidden:
+        full = n_selected == hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if full else torch.zeros_like(hidden)
     return GradTargets(
-        hidden=torch.empty_like(hidden_rows) if need_hidden else None,
+        hidden=grad_hidden,
         weight=torch.zeros(weight.shape, **acc) if need_weight else None,
         bias=torch.zeros(weight.shape[0], **acc) if need_bias and bias is not None else None,
     )
 
 
 def finish_grads(
-    grads: GradTargets, n_total: int, index: Tensor, weight: Tensor, bias: Tensor | None
+    grads: GradTargets, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Scatter ``dH`` back to all ``n_total`` rows (zeros elsewhere) and cast to input dtypes."""
-    grad_hidden = None
-    if grads.hidden is not None:
-        grad_hidden = grads.hidden.new_zeros(n_total, grads.hidden.shape[1])
-        grad_hidden.index_copy_(0, index, grads.hidden)
+    """The gradients of ``(hidden, weight, bias)``, the last two cast to the input dtypes."""
     grad_weight = None if grads.weight is None else grads.weight.to(weight.dtype)
     grad_bias = None if grads.bias is None or bias is None else grads.bias.to(bias.dtype)
-    return grad_hidden, grad_weight, grad_bias
+    return grads.hidden, grad_weight, grad_bias
 
 
 def reduction_scale(selection: RowSelection, denominator: float, like: Tensor) -> Tensor:
@@ -260,18 +426,19 @@ RowEpilogue = Callable[[int, int, Tensor, Tensor | None], tuple[Tensor, ...]]
 
 
 def _swept(
-    hidden_rows: Tensor,
+    hidden: Tensor,
+    index: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     row_epilogue: RowEpilogue,
     grad_scale: Tensor | None,
     grads: GradTargets,
     outputs: tuple[torch.dtype, ...],
-    chunk_size: int | None,
+    plan: ChunkPlan,
 ) -> tuple[Tensor, list[Tensor]]:
     """Per-row losses (accumulation dtype) and the ``outputs`` of every selected row."""
-    n, device = hidden_rows.shape[0], hidden_rows.device
-    row_loss = torch.empty(n, dtype=accumulate_dtype(hidden_rows.dtype), device=device)
+    n, device = plan.n_rows, hidden.device
+    row_loss = torch.empty(n, dtype=accumulate_dtype(hidden.dtype), device=device)
     kept = [torch.empty(n, dtype=dtype, device=device) for dtype in outputs]
 
     def epilogue(start: int, end: int, logits: Tensor) -> None:
@@ -280,58 +447,58 @@ def _swept(
         for buffer, value in zip(kept, values, strict=True):
             buffer[start:end] = value
 
-    sweep(hidden_rows, weight, bias, epilogue, grads, chunk_size)
+    sweep(hidden, index, weight, bias, epilogue, grads, plan)
     return row_loss, kept
 
 
 def sweep_row_losses(
-    hidden_rows: Tensor,
+    hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     selection: RowSelection,
-    n_total: int,
     row_epilogue: RowEpilogue,
     outputs: tuple[torch.dtype, ...],
-    chunk_size: int | None,
+    plan: ChunkPlan,
 ) -> tuple[Tensor, list[Tensor]]:
-    """``reduction='none'`` forward: ``[w_i ℓ_i]`` over all ``n_total`` rows (0 where not
-    selected) and the epilogue's per-row ``outputs`` (e.g. fp64 statistics for the recompute)."""
+    """``reduction='none'`` forward: ``[w_i ℓ_i]`` over all ``N`` rows of ``hidden`` (0 where
+    not selected) and the epilogue's per-row ``outputs`` (e.g. fp64 statistics for the
+    recompute)."""
     row_loss, kept = _swept(
-        hidden_rows, weight, bias, row_epilogue, None, GradTargets(), outputs, chunk_size
+        hidden, selection.index, weight, bias, row_epilogue, None, GradTargets(), outputs, plan
     )
     if selection.weight is not None:
         row_loss.mul_(selection.weight)
-    return scatter_rows(row_loss, selection.index, n_total), kept
+    return scatter_rows(row_loss, selection.index, hidden.shape[0]), kept
 
 
 def sweep_loss_and_grads(
-    hidden_rows: Tensor,
+    hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     selection: RowSelection,
     denominator: float,
     needs: tuple[bool, bool, bool],
-    n_total: int,
     row_epilogue: RowEpilogue,
     outputs: tuple[torch.dtype, ...],
-    chunk_size: int | None,
+    plan: ChunkPlan,
 ) -> tuple[Tensor, tuple[Tensor | None, Tensor | None, Tensor | None], list[Tensor]]:
     """``sum``/``mean`` forward: the loss ``Σ_i s_i ℓ_i`` (:func:`reduction_scale`), in the
     same sweep the gradients of ``(hidden, weight, bias)`` that ``needs`` asks for, and the
     epilogue's per-row ``outputs``."""
-    acc = accumulate_dtype(hidden_rows.dtype)
-    rows = torch.empty(hidden_rows.shape[0], dtype=acc, device=hidden_rows.device)
+    acc = accumulate_dtype(hidden.dtype)
+    rows = torch.empty(plan.n_rows, dtype=acc, device=hidden.device)
     scale = reduction_scale(selection, denominator, rows)
-    grads = allocate_grads(hidden_rows, weight, bias, needs)
+    grads = allocate_grads(hidden, plan.n_rows, weight, bias, needs)
     row_loss, kept = _swept(
-        hidden_rows,
+        hidden,
+        selection.index,
         weight,
         bias,
         row_epilogue,
         scale if grads.any else None,
         grads,
         outputs,
-        chunk_size,
+        plan,
     )
     loss = torch.dot(row_loss, scale)
-    return loss, finish_grads(grads, n_total, selection.index, weight, bias), kept
+    return loss, finish_grads(grads, weight, bias), kept

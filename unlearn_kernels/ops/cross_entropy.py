@@ -53,9 +53,11 @@ from unlearn_kernels.ops.chunking import (
     RowSelection,
     accumulate_dtype,
     allocate_grads,
+    check_logits_dtype,
     finish_grads,
     first_order_only,
     mean_denominator,
+    plan_chunks,
     reduction_scale,
     scale_saved_grads,
     scatter_rows,
@@ -111,10 +113,17 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         epilogues = get_backend(options.backend, hidden.device)
         acc_dtype = accumulate_dtype(hidden.dtype)
         selection = select_rows(labels, token_weight, options.ignore_index, acc_dtype)
-        rows = hidden.index_select(0, selection.index)
+        plan = plan_chunks(
+            selection.index.numel(),
+            *weight.shape,
+            hidden.dtype,
+            hidden.device.type,
+            options.logits_dtype,
+            options.chunk_size,
+        )
         target = selection.target
         math = options.math
-        ctx.options, ctx.n_total = options, hidden.shape[0]
+        ctx.options, ctx.n_total, ctx.plan = options, hidden.shape[0], plan
         outputs = (torch.float64, *[acc_dtype] * math.z_loss, *[torch.int64] * math.argmax)
 
         def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
@@ -123,20 +132,12 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
 
         if options.reduction == "none":
             loss, (lse, *extras) = sweep_row_losses(
-                rows,
-                weight,
-                bias,
-                selection,
-                ctx.n_total,
-                row_epilogue,
-                outputs,
-                options.chunk_size,
+                hidden, weight, bias, selection, row_epilogue, outputs, plan
             )
             ctx.save_for_backward(
                 hidden,
                 weight,
                 bias,
-                rows,
                 selection.index,
                 target,
                 selection.weight,
@@ -155,16 +156,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 denominator = mean_denominator(selection, options.reduction)
             needs = ctx.needs_input_grad[:3]
             loss, grads, (lse, *extras) = sweep_loss_and_grads(
-                rows,
-                weight,
-                bias,
-                selection,
-                denominator,
-                needs,
-                ctx.n_total,
-                row_epilogue,
-                outputs,
-                options.chunk_size,
+                hidden, weight, bias, selection, denominator, needs, row_epilogue, outputs, plan
             )
             ctx.save_for_backward(hidden, weight, bias, *grads)
             z_loss = None
@@ -210,11 +202,11 @@ def _argmax_outputs(
 
 def _recompute_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``reduction='none'``: rebuild each chunk and write ``g_i w_i ∂ℓ_i/∂z_i`` over it."""
-    _, weight, bias, rows, index, target, token_weight, lse, class_weight = ctx.saved_tensors
+    hidden, weight, bias, index, target, token_weight, lse, class_weight = ctx.saved_tensors
     options = ctx.options
-    epilogues = get_backend(options.backend, rows.device)
-    scale = upstream_scale(grad_output, index, token_weight, accumulate_dtype(rows.dtype))
-    grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
+    epilogues = get_backend(options.backend, hidden.device)
+    scale = upstream_scale(grad_output, index, token_weight, accumulate_dtype(hidden.dtype))
+    grads = allocate_grads(hidden, index.numel(), weight, bias, ctx.needs_input_grad[:3])
 
     def backward(start: int, end: int, logits: Tensor) -> None:
         epilogues.ce_backward(
@@ -226,8 +218,8 @@ def _recompute_backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
             class_weight,
         )
 
-    sweep(rows, weight, bias, backward, grads, options.chunk_size)
-    return finish_grads(grads, ctx.n_total, index, weight, bias)
+    sweep(hidden, index, weight, bias, backward, grads, ctx.plan)
+    return finish_grads(grads, weight, bias)
 
 
 def shifted(values: Tensor | None, fill: float) -> Tensor | None:
@@ -296,6 +288,7 @@ def fused_linear_cross_entropy(
     return_token_accuracy: bool = False,
     return_predicted_tokens: bool = False,
     chunk_size: int | None = None,
+    logits_dtype: str = "auto",
     backend: str | None = None,
 ) -> Tensor | CrossEntropyOutput:
     """Signed response-only cross-entropy of ``hidden @ weightᵀ (+ bias)`` against ``labels``.
@@ -327,7 +320,11 @@ def fused_linear_cross_entropy(
         return_lse: also return the per-token logsumexp ``lse(z_i)``.
         return_token_accuracy: also return the accuracy of the argmax over the selected rows.
         return_predicted_tokens: also return the per-token argmax.
-        chunk_size: rows per chunk; default from a 256 MiB logits budget, at least 512 rows.
+        chunk_size: rows per chunk; default: the logits buffer within 256 MiB (in its own
+            dtype), a multiple of 128 rows, at least 512.
+        logits_dtype: ``"auto"`` (fp32 logits for bf16/fp16 inputs on CUDA, the input dtype
+            on CPU), ``"input"`` (the input dtype: half the memory, bf16-rounded logits) or
+            ``"float32"``; see :mod:`unlearn_kernels.ops.chunking`.
         backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default by device (see
             :mod:`unlearn_kernels.backends`).
 
@@ -374,6 +371,7 @@ def fused_linear_cross_entropy(
         reduction=reduction,
         chunk_size=chunk_size,
         backend=backend,
+        logits_dtype=check_logits_dtype(logits_dtype),
         return_lse=return_lse,
         return_token_accuracy=return_token_accuracy,
         return_predicted_tokens=return_predicted_tokens,

@@ -58,14 +58,19 @@ from unlearn_kernels.backends import backend_name, get_backend
 from unlearn_kernels.ops import library
 from unlearn_kernels.ops.autocast import autocast_cast, autocast_off
 from unlearn_kernels.ops.chunking import (
+    ChunkPlan,
     RowEpilogue,
     RowSelection,
     accumulate_dtype,
     allocate_grads,
+    check_logits_dtype,
     finish_grads,
     first_order_only,
+    gather_rows,
     linear_into,
     mean_denominator,
+    operand,
+    plan_chunks,
     scale_saved_grads,
     select_rows,
     sweep,
@@ -92,40 +97,53 @@ def _selection(
     return select_rows(labels, token_weight, ignore_index, dtype)
 
 
+def _plan(hidden: Tensor, weight: Tensor, selection: RowSelection, options: KLOptions):
+    return plan_chunks(
+        selection.index.numel(),
+        *weight.shape,
+        hidden.dtype,
+        hidden.device.type,
+        options.logits_dtype,
+        options.chunk_size,
+    )
+
+
 class _ReferenceLogits:
-    """Reference logits of chunk ``[start, end)`` of the selected rows, in one reused buffer:
-    rebuilt as ``H_ref Wᵣᵀ (+ b_ref)`` (exact) or copied from rows of cached logits (streamed)."""
+    """Reference logits of chunk ``[start, end)`` of the selected rows, in one reused buffer of
+    the plan's logits dtype: rebuilt as ``H_ref[index] Wᵣᵀ (+ b_ref)`` from rows gathered into a
+    chunk-sized buffer (exact), or copied from rows of cached logits (streamed)."""
 
     def __init__(
         self,
-        ref_rows: Tensor | None,
+        ref_hidden: Tensor | None,
         ref_weight: Tensor | None,
         ref_bias: Tensor | None,
         ref_logits: Tensor | None,
         index: Tensor,
-        like: Tensor,
+        plan: ChunkPlan,
+        device: torch.device,
     ) -> None:
-        self.ref_rows, self.ref_weight, self.ref_bias = ref_rows, ref_weight, ref_bias
-        self.ref_logits = ref_logits
-        if ref_logits is not None:
-            index = index.to(ref_logits.device)
-        self.index = index
-        self.like = like
-        self.buffer: Tensor | None = None
+        self.ref_hidden, self.ref_logits, self.index = ref_hidden, ref_logits, index
+        self.ref_weight = operand(ref_weight, plan)
+        self.ref_bias = None if ref_bias is None else ref_bias.to(plan.logits_dtype)
+        m = min(plan.rows, plan.n_rows)
+        self.buffer = torch.empty(m, plan.vocab, dtype=plan.logits_dtype, device=device)
+        self.rows = None
+        if ref_hidden is not None:
+            self.rows = torch.empty(m, plan.d, dtype=plan.operand_dtype, device=device)
 
-    def __call__(self, start: int, end: int, vocab: int) -> Tensor:
-        if self.buffer is None:  # the first chunk is the largest
-            self.buffer = self.like.new_empty(end - start, vocab)
+    def __call__(self, start: int, end: int) -> Tensor:
         out = self.buffer[: end - start]
+        chunk = self.index[start:end]
         if self.ref_logits is None:
-            return linear_into(out, self.ref_rows[start:end], self.ref_weight, self.ref_bias)
-        return out.copy_(self.ref_logits.index_select(0, self.index[start:end]))
+            rows = gather_rows(self.rows[: end - start], self.ref_hidden, chunk)
+            return linear_into(out, rows, self.ref_weight, self.ref_bias)
+        return gather_rows(out, self.ref_logits, chunk)
 
 
 def _reduced_forward(
     ctx,
     hidden: Tensor,
-    rows: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     selection: RowSelection,
@@ -136,16 +154,15 @@ def _reduced_forward(
     gradients saved (see :func:`_first_order`)."""
     options = ctx.options
     loss, grads, _ = sweep_loss_and_grads(
-        rows,
+        hidden,
         weight,
         bias,
         selection,
         mean_denominator(selection, options.reduction, options.batch),
         ctx.needs_input_grad[:3],
-        ctx.n_total,
         row_epilogue,
         stats,
-        options.chunk_size,
+        ctx.plan,
     )
     ctx.save_for_backward(hidden, weight, bias, *grads)
     return loss
@@ -187,32 +204,28 @@ class FusedLinearKLFunction(torch.autograd.Function):
         selection = _selection(
             hidden.shape[0], labels, token_weight, options.ignore_index, acc_dtype, hidden.device
         )
-        rows = hidden.index_select(0, selection.index)
-        ref_rows = None
-        if ref_hidden is not None:
-            ref_rows = ref_hidden.index_select(0, selection.index).to(hidden.dtype)
+        plan = _plan(hidden, weight, selection, options)
         reference = _ReferenceLogits(
-            ref_rows, ref_weight, ref_bias, ref_logits, selection.index, rows
+            ref_hidden, ref_weight, ref_bias, ref_logits, selection.index, plan, hidden.device
         )
-        vocab = weight.shape[0]
-        ctx.options, ctx.n_total, ctx.ref_logits = options, hidden.shape[0], ref_logits
+        ctx.options, ctx.n_total, ctx.plan = options, hidden.shape[0], plan
+        ctx.ref_logits = ref_logits
 
         def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
-            ref = reference(start, end, vocab)
+            ref = reference(start, end)
             return epilogues.kl_forward(logits, ref, grad_scale, options.math)
 
         stats = (torch.float64,) * 3
         if options.reduction != "none":
-            return _reduced_forward(ctx, hidden, rows, weight, bias, selection, row_epilogue, stats)
+            return _reduced_forward(ctx, hidden, weight, bias, selection, row_epilogue, stats)
         loss, (lse, lse_ref, centre) = sweep_row_losses(
-            rows, weight, bias, selection, ctx.n_total, row_epilogue, stats, options.chunk_size
+            hidden, weight, bias, selection, row_epilogue, stats, plan
         )
         ctx.save_for_backward(
             hidden,
             weight,
             bias,
-            rows,
-            ref_rows,
+            ref_hidden,
             ref_weight,
             ref_bias,
             selection.index,
@@ -233,11 +246,10 @@ class FusedLinearKLFunction(torch.autograd.Function):
 def _kl_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``reduction='none'``: rebuild each chunk and write ``g_i w_i ∂D_i/∂x_i`` over it."""
     (
-        _,
+        hidden,
         weight,
         bias,
-        rows,
-        ref_rows,
+        ref_hidden,
         ref_weight,
         ref_bias,
         index,
@@ -246,17 +258,18 @@ def _kl_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         lse_ref,
         centre,
     ) = ctx.saved_tensors
-    options = ctx.options
-    epilogues = get_backend(options.backend, rows.device)
+    options, plan = ctx.options, ctx.plan
+    epilogues = get_backend(options.backend, hidden.device)
     scale = upstream_scale(grad_output, index, token_weight, lse.dtype)
-    reference = _ReferenceLogits(ref_rows, ref_weight, ref_bias, ctx.ref_logits, index, rows)
-    grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
-    vocab = weight.shape[0]
+    reference = _ReferenceLogits(
+        ref_hidden, ref_weight, ref_bias, ctx.ref_logits, index, plan, hidden.device
+    )
+    grads = allocate_grads(hidden, index.numel(), weight, bias, ctx.needs_input_grad[:3])
 
     def backward(start: int, end: int, logits: Tensor) -> None:
         epilogues.kl_backward(
             logits,
-            reference(start, end, vocab),
+            reference(start, end),
             lse[start:end],
             lse_ref[start:end],
             centre[start:end],
@@ -264,8 +277,8 @@ def _kl_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
             options.math,
         )
 
-    sweep(rows, weight, bias, backward, grads, options.chunk_size)
-    return finish_grads(grads, ctx.n_total, index, weight, bias)
+    sweep(hidden, index, weight, bias, backward, grads, plan)
+    return finish_grads(grads, weight, bias)
 
 
 class FusedLinearKLTopkFunction(torch.autograd.Function):
@@ -291,11 +304,11 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
         selection = _selection(
             hidden.shape[0], labels, token_weight, options.ignore_index, acc_dtype, hidden.device
         )
-        rows = hidden.index_select(0, selection.index)
+        plan = _plan(hidden, weight, selection, options)
         index = topk_index.index_select(0, selection.index)
         logprob = topk_logprob.index_select(0, selection.index)
         tail = tail_logprob.index_select(0, selection.index)
-        ctx.options, ctx.n_total = options, hidden.shape[0]
+        ctx.options, ctx.n_total, ctx.plan = options, hidden.shape[0], plan
 
         def row_epilogue(start: int, end: int, logits: Tensor, grad_scale: Tensor | None):
             cache = (index[start:end], logprob[start:end], tail[start:end])
@@ -303,15 +316,14 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
 
         stats = (torch.float64,) * 2
         if options.reduction != "none":
-            return _reduced_forward(ctx, hidden, rows, weight, bias, selection, row_epilogue, stats)
+            return _reduced_forward(ctx, hidden, weight, bias, selection, row_epilogue, stats)
         loss, (lse, lse_tail) = sweep_row_losses(
-            rows, weight, bias, selection, ctx.n_total, row_epilogue, stats, options.chunk_size
+            hidden, weight, bias, selection, row_epilogue, stats, plan
         )
         ctx.save_for_backward(
             hidden,
             weight,
             bias,
-            rows,
             index,
             logprob,
             tail,
@@ -331,13 +343,13 @@ class FusedLinearKLTopkFunction(torch.autograd.Function):
 
 def _topk_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
     """``reduction='none'``: rebuild each chunk and write the scaled top-k gradient over it."""
-    _, weight, bias, rows, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
+    hidden, weight, bias, index, logprob, tail, row_index, token_weight, lse, lse_tail = (
         ctx.saved_tensors
     )
     options = ctx.options
-    epilogues = get_backend(options.backend, rows.device)
+    epilogues = get_backend(options.backend, hidden.device)
     scale = upstream_scale(grad_output, row_index, token_weight, lse.dtype)
-    grads = allocate_grads(rows, weight, bias, ctx.needs_input_grad[:3])
+    grads = allocate_grads(hidden, row_index.numel(), weight, bias, ctx.needs_input_grad[:3])
 
     def backward(start: int, end: int, logits: Tensor) -> None:
         epilogues.kl_topk_backward(
@@ -351,8 +363,8 @@ def _topk_recompute(ctx, grad_output: Tensor) -> tuple[Tensor | None, ...]:
             options.math,
         )
 
-    sweep(rows, weight, bias, backward, grads, options.chunk_size)
-    return finish_grads(grads, ctx.n_total, row_index, weight, bias)
+    sweep(hidden, row_index, weight, bias, backward, grads, ctx.plan)
+    return finish_grads(grads, weight, bias)
 
 
 # ---- options ------------------------------------------------------------------------------
@@ -404,6 +416,7 @@ def fused_linear_kl(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    logits_dtype: str = "auto",
     backend: str | None = None,
 ) -> Tensor:
     """Divergence ``Σ_i w_i D(p_i, q_i)`` from a cached reference to ``hidden @ weightᵀ``:
@@ -437,8 +450,11 @@ def fused_linear_kl(
         reduction: ``"mean"`` (over rows with a label, or all rows without labels), ``"sum"``,
             ``"batchmean"`` (the sum over ``hidden.shape[0]``, as ``F.kl_div``) or ``"none"``
             (per-token ``w_i D_i``, 0 on skipped rows).
-        chunk_size: rows per chunk; default from a 256 MiB logits budget (two such buffers
-            are alive: student and reference logits).
+        chunk_size: rows per chunk; default: each logits buffer within 256 MiB in its own
+            dtype, a multiple of 128 rows, at least 512 (two such buffers are alive: student
+            and reference logits).
+        logits_dtype: ``"auto"`` (fp32 logits for bf16/fp16 inputs on CUDA, the input dtype
+            on CPU), ``"input"`` or ``"float32"``; see :mod:`unlearn_kernels.ops.chunking`.
         backend: ``"torch"``, ``"cpu"`` or ``"triton"``; default by device.
 
     Under ``torch.autocast`` the products run in autocast's dtype, as ``torch.mm`` would.
@@ -484,6 +500,7 @@ def fused_linear_kl(
         reduction=reduction,
         chunk_size=chunk_size,
         backend=backend,
+        logits_dtype=check_logits_dtype(logits_dtype),
         batch=hidden.shape[0],
     )
     loss = FusedLinearKLFunction.apply(
@@ -516,6 +533,7 @@ def fused_linear_kl_topk(
     ignore_index: int = -100,
     reduction: str = "mean",
     chunk_size: int | None = None,
+    logits_dtype: str = "auto",
     backend: str | None = None,
 ) -> Tensor:
     """Top-k forward KL ``Σ_i w_i KL̃_i`` from cached reference top-k log-probs.
@@ -563,6 +581,7 @@ def fused_linear_kl_topk(
         reduction=reduction,
         chunk_size=chunk_size,
         backend=backend,
+        logits_dtype=check_logits_dtype(logits_dtype),
         batch=hidden.shape[0],
     )
     k = ref_topk_index.shape[-1]

@@ -174,7 +174,7 @@ def _define(op: _Op) -> None:
 
 
 _SELECT = (("ignore_index", "int"), ("reduction", "str"))
-_CHUNKS = (("chunk_size", "int?"), ("backend", "str?"))
+_CHUNKS = (("chunk_size", "int?"), ("logits_dtype", "str"), ("backend", "str?"))
 OPS = {
     op.name: op
     for op in (

@@ -142,7 +142,7 @@ def qlora_memory(
         + tokens * 2 * d * 4
         + max(inter * d, d_q * d) * b
     )
-    chunk = chunk_rows(max(n, 1), vocab, None)
+    chunk = chunk_rows(max(n, 1), vocab, None, b)
     fused = 2 * n * d * b + chunk * vocab * b
     if kl:
         fused += chunk * vocab * b + n * d * b

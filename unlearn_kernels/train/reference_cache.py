@@ -255,7 +255,7 @@ def reference_rows(
         out["tail_logprob"] = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if settings.store_label_logprob:
         out["label_logprob"] = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    rows = chunk_rows(n, vocab, chunk_size)
+    rows = chunk_rows(n, vocab, chunk_size, torch.finfo(acc).bits // 8)
     for start in range(0, n, rows):
         end = min(start + rows, n)
         z = head.logits(hidden[start:end]).to(acc)
