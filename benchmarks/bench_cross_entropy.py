@@ -25,6 +25,15 @@ each × floor, options on × options off, and this tree × the baseline (both ×
 
     python -m benchmarks.bench_cross_entropy --options --baseline main --vocab 128256 \
         --frozen --trainable --repeats 5
+
+Compare mode (``--compare``, results in ``results/chunk_driver.md`` and ``.json``): this tree
+against ``--baseline`` with every option off, one process each (floor and fused op
+interleaved): × floor of each, this tree × the baseline, and the peak memory above the inputs
+and the returned ``grad_hidden`` (``N·d`` elements) beside one logits chunk of this tree's plan
+(:func:`unlearn_kernels.ops.chunking.plan_chunks`) + 64 MiB.
+
+    python -m benchmarks.bench_cross_entropy --compare --baseline HEAD~1 --n 16384 --d 4096 \
+        --vocab 32000 --frozen --repeats 1
 """
 
 from __future__ import annotations
@@ -44,6 +53,9 @@ from benchmarks.harness import ROOT, fmt_bytes, measure, peak_bytes, reset_peak,
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cross_entropy.md"
 OPTIONS_RESULTS = RESULTS.with_name("cross_entropy_options.md")
+COMPARE_RESULTS = RESULTS.with_name("chunk_driver.md")
+#: compare mode: what the peak above the inputs and grad_hidden may exceed one logits chunk by
+COMPARE_SLACK_BYTES = 64 * 2**20
 METHODS = ("fused", "unfused", "compiled", "cce")
 PROMPT_FRACTION = 0.4
 #: the options-mode configurations: keyword arguments of fused_linear_cross_entropy
@@ -288,6 +300,91 @@ def options_main(args: argparse.Namespace, modes: list[bool], command: str) -> N
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
+def compare_table(ours: dict, base: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
+    """Compare mode: × floor of each tree, this tree × baseline, and the peak above the inputs
+    and the returned ``grad_hidden`` against one logits chunk of this tree's plan + 64 MiB."""
+    import torch
+
+    from unlearn_kernels.ops.chunking import plan_chunks
+
+    title = f"N={n}, d={d}, V={vocab}, fp32, {'trainable' if trainable else 'frozen'} weight"
+    lines = [
+        f"### {title}",
+        "",
+        "| tree | min s | median s | × floor | × baseline | peak above inputs "
+        "| of which above grad_hidden | ≤ chunk + 64 MiB | loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    if "error" in ours or "error" in base:
+        return "\n".join([*lines, f"| failed | {ours.get('error') or base.get('error')} |"]) + "\n"
+    _, _, labels = make_inputs(n, 1, vocab, False)
+    plan = plan_chunks(int((labels != -100).sum()), vocab, d, torch.float32, "cpu")
+    limit = plan.buffer_bytes()["logits"] + COMPARE_SLACK_BYTES
+    grad_hidden = n * d * 4
+    ratio = {}
+    for label, report in (("baseline", base), ("this tree", ours)):
+        timing = "| | | |"  # --repeats 0: the peak of the first call only
+        if report["times"]["off"]:
+            t, floor = min(report["times"]["off"]), min(report["times"]["floor"])
+            ratio[label] = t / floor
+            x_base = f"{ratio[label] / ratio['baseline']:.3f}" if report is ours else ""
+            median = statistics.median(report["times"]["off"])
+            timing = f"| {t:.2f} | {median:.2f} | {ratio[label]:.3f} | {x_base}"
+        peak = report["off"]["peak_above_inputs"]
+        extra = peak - grad_hidden
+        lines.append(
+            f"| {label} {timing} | {fmt_bytes(peak)} | {fmt_bytes(extra)} "
+            f"| {'yes' if extra <= limit else 'no'} | {report['off']['value']:.6f} |"
+        )
+    lines += [
+        "",
+        f"This tree's plan: {plan.n_rows} selected rows in {plan.n_chunks} chunks of "
+        f"{plan.rows} rows; one logits chunk {fmt_bytes(plan.buffer_bytes()['logits'])}, limit "
+        f"{fmt_bytes(limit)}; grad_hidden {fmt_bytes(grad_hidden)}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def compare_main(args: argparse.Namespace, modes: list[bool], command: str) -> None:
+    """``--compare``: this tree's fused op against the baseline revision's, options off."""
+    results, sections = [], []
+    with tempfile.TemporaryDirectory(prefix="uk-baseline-") as scratch:
+        baseline = Path(args.baseline_dir) if args.baseline_dir else None
+        if baseline is None:
+            print(f"building the baseline {args.baseline} in {scratch}", flush=True)
+            baseline = baseline_tree(args.baseline, Path(scratch))
+        for vocab in args.vocab:
+            for trainable in modes:
+                flags = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(vocab)]
+                flags += ["--trainable" if trainable else "--frozen", "--repeats"]
+                flags += [str(args.repeats), "--worker", "options", "--configs", "off"]
+                base = run_isolated(
+                    "benchmarks.bench_cross_entropy", flags, env={PACKAGE_ENV: str(baseline)}
+                )
+                ours = run_isolated("benchmarks.bench_cross_entropy", flags)
+                print(json.dumps({"ours": ours, "baseline": base}), flush=True)
+                section = compare_table(ours, base, args.n, args.d, vocab, trainable)
+                print(section, flush=True)
+                sections.append(section)
+                results.append(
+                    {"vocab": vocab, "trainable": trainable, "ours": ours, "baseline": base}
+                )
+    header = (
+        f"Command: `{command}`\n\nBaseline: git revision `{args.baseline}`. One process per "
+        "tree (the fused op, every option off, and its floor interleaved; the peak is that of "
+        "the first call). × baseline compares the × floor ratios of the two processes.\n\n"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    text = "\n".join(sections)
+    previous = args.out.read_text() if args.out.exists() and args.append else ""
+    body = previous + ("\n" if previous else "## Chunk driver: this tree against the baseline\n\n")
+    args.out.write_text(body + header + text)
+    payload = {"command": command, "baseline": args.baseline, "results": results}
+    json_path = args.out.with_suffix(".json")
+    runs = json.loads(json_path.read_text()) if json_path.exists() and args.append else []
+    json_path.write_text(json.dumps([*runs, payload], indent=1) + "\n")
+
+
 def table(rows: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
     """One markdown table. Ratios compare fastest runs (min over repeats): on a shared machine
     the minimum is the run least disturbed by other work; medians are listed beside them."""
@@ -336,9 +433,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--options", action="store_true", help="options mode: cost of the loss options"
     )
-    parser.add_argument("--baseline", default="main", help="options mode: git revision to compare")
     parser.add_argument(
-        "--baseline-dir", help="options mode: an already built source tree of --baseline"
+        "--compare", action="store_true", help="compare mode: this tree against --baseline"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="compare mode: add to the results file"
+    )
+    parser.add_argument(
+        "--baseline", default="main", help="options/compare mode: git revision to compare"
+    )
+    parser.add_argument(
+        "--baseline-dir", help="options/compare mode: an already built source tree of --baseline"
     )
     parser.add_argument("--worker", choices=(*METHODS, "options"), help=argparse.SUPPRESS)
     parser.add_argument("--configs", nargs="+", choices=OPTION_CONFIGS, help=argparse.SUPPRESS)
@@ -357,6 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.options:
         args.out = args.out or OPTIONS_RESULTS
         options_main(args, modes, command)
+        return
+    if args.compare:
+        args.out = args.out or COMPARE_RESULTS
+        compare_main(args, modes, command)
         return
     args.out = args.out or RESULTS
     sections = []

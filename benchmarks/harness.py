@@ -18,9 +18,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from unlearn_kernels._memory import peak_bytes, reset_peak
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def reset_peak() -> int:
+    """:func:`unlearn_kernels._memory.reset_peak`, imported when first called, so that a worker
+    can point ``sys.path`` at another tree's package before anything imports it."""
+    from unlearn_kernels import _memory
+
+    return _memory.reset_peak()
+
+
+def peak_bytes() -> int:
+    """:func:`unlearn_kernels._memory.peak_bytes`, imported when first called."""
+    from unlearn_kernels import _memory
+
+    return _memory.peak_bytes()
 
 
 def time_calls(step: Callable[[], object], repeats: int) -> list[float]:

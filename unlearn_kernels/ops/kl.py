@@ -78,6 +78,7 @@ from unlearn_kernels.ops.chunking import (
     sweep_row_losses,
     upstream_scale,
 )
+from unlearn_kernels.ops.streaming import StreamedRows
 
 DIRECTIONS = ("forward", "reverse")
 
@@ -111,7 +112,9 @@ def _plan(hidden: Tensor, weight: Tensor, selection: RowSelection, options: KLOp
 class _ReferenceLogits:
     """Reference logits of chunk ``[start, end)`` of the selected rows, in one reused buffer of
     the plan's logits dtype: rebuilt as ``H_ref[index] Wᵣᵀ (+ b_ref)`` from rows gathered into a
-    chunk-sized buffer (exact), or copied from rows of cached logits (streamed)."""
+    chunk-sized buffer (exact), or copied from rows of cached logits (streamed; from CPU
+    memory to CUDA through :class:`~unlearn_kernels.ops.streaming.StreamedRows`, the next
+    chunk's copy overlapping this chunk's work)."""
 
     def __init__(
         self,
@@ -128,9 +131,11 @@ class _ReferenceLogits:
         self.ref_bias = None if ref_bias is None else ref_bias.to(plan.logits_dtype)
         m = min(plan.rows, plan.n_rows)
         self.buffer = torch.empty(m, plan.vocab, dtype=plan.logits_dtype, device=device)
-        self.rows = None
+        self.rows = self.streamed = None
         if ref_hidden is not None:
             self.rows = torch.empty(m, plan.d, dtype=plan.operand_dtype, device=device)
+        elif ref_logits.device.type == "cpu" and device.type == "cuda":
+            self.streamed = StreamedRows(ref_logits, index, list(plan.bounds()), device)
 
     def __call__(self, start: int, end: int) -> Tensor:
         out = self.buffer[: end - start]
@@ -138,6 +143,8 @@ class _ReferenceLogits:
         if self.ref_logits is None:
             rows = gather_rows(self.rows[: end - start], self.ref_hidden, chunk)
             return linear_into(out, rows, self.ref_weight, self.ref_bias)
+        if self.streamed is not None:
+            return self.streamed.take(start, end, out)
         return gather_rows(out, self.ref_logits, chunk)
 
 

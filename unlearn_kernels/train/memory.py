@@ -14,9 +14,11 @@ micro-batch, ``n`` = its response rows, at most ``N``)::
     one layer        the layer recomputed in backward: its saved activations and their
                      gradients, N·(8d + 3·d_kv + 6·I)·b, two float32 norm inputs N·2d·4, and one
                      dequantised weight, max(I·d, d·d)·b
-    fused loss       the response rows and their gradient 2·n·d·b, one chunk of logits
-                     m·V·b (m rows: :func:`~unlearn_kernels.ops.chunking.chunk_rows`), and for KL
-                     one chunk of reference logits and the reference rows, m·V·b + n·d·b
+    fused loss       the gradient of the hidden states N·d·b and the buffers of the chunk
+                     plan CUDA would make (:func:`~unlearn_kernels.ops.chunking.plan_chunks`,
+                     m rows): one chunk of logits m·V·4 (fp32 logits for b = 2) and their
+                     gradient cast m·V·b, the chunk's rows m·d·b; for KL a second chunk of
+                     logits and of reference rows
 
 The total is the weights, LoRA, its gradients, the optimizer state and the checkpoints, plus the
 larger of one layer and the fused loss: the loss's buffers are freed when its forward ends (its
@@ -33,7 +35,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from unlearn_kernels.ops.chunking import chunk_rows
+import torch
+
+from unlearn_kernels.ops.chunking import plan_chunks
 
 #: The decoder linears of a Llama-style layer: ``name -> (in_features, out_features)`` as
 #: functions of ``(d, d_kv, d_q, I)``.
@@ -142,10 +146,11 @@ def qlora_memory(
         + tokens * 2 * d * 4
         + max(inter * d, d_q * d) * b
     )
-    chunk = chunk_rows(max(n, 1), vocab, None, b)
-    fused = 2 * n * d * b + chunk * vocab * b
-    if kl:
-        fused += chunk * vocab * b + n * d * b
+    dtype = {2: torch.bfloat16, 4: torch.float32}.get(b)
+    if dtype is None:
+        raise ValueError(f"compute_bytes must be 2 or 4, got {compute_bytes!r}")
+    plan = plan_chunks(max(n, 1), vocab, d, dtype, "cuda")
+    fused = tokens * d * b + sum(plan.buffer_bytes(1 + kl, 1 + kl).values())
     return QLoRAMemory(
         nf4_weights=nf4,
         dense_weights=dense,
