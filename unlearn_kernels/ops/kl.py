@@ -98,7 +98,8 @@ def _selection(
     return select_rows(labels, token_weight, ignore_index, dtype)
 
 
-def _plan(hidden: Tensor, weight: Tensor, selection: RowSelection, options: KLOptions):
+def _plan(hidden: Tensor, weight: Tensor, selection: RowSelection, options: KLOptions) -> ChunkPlan:
+    """The chunk plan of the selected rows (the reference buffers follow the student's)."""
     return plan_chunks(
         selection.index.numel(),
         *weight.shape,
