@@ -144,7 +144,7 @@ def ours(shape: Shape, plan: ChunkPlan, design: str = "ours", gpu: str = "H100")
     if plan.n_rows < shape.total_rows:
         hbm += shape.total_rows * d * es  # dH zeroed
     peak = sum(plan.buffer_bytes().values()) + row_vectors(plan.n_rows)
-    if shape.trainable:
+    if shape.trainable and es != 4:  # an fp32 weight's accumulator is its returned gradient
         peak += v * d * 4  # the fp32 dW accumulator
         hbm += v * d * (4 + es)  # cast to the input dtype
     return _finish(
@@ -166,13 +166,14 @@ def ours_before(shape: Shape, gpu: str = "H100") -> Estimate:
         hbm += k * d * es + w + k * v * es + 3 * k * v * es  # logits GEMM, epilogue
         hbm += k * v * es + w + k * d * es  # G W into the staging dH
         flops += 4 * k * v * d
-        if shape.trainable:  # Gᵀ H as a [V, d] temporary, then add_ into fp32
-            hbm += k * v * es + k * d * es + v * d * es + v * d * (es + 4 + 4)
+        if shape.trainable:  # bf16/fp16: Gᵀ H as a [V, d] temporary, then add_ into fp32
+            temporary = v * d * (2 * es) if es != 4 else 0
+            hbm += k * v * es + k * d * es + 2 * v * d * 4 + temporary
             flops += 2 * k * v * d
     hbm += 3 * shape.total_rows * d * es  # zeros + scatter of the staging dH
     # the peak: rows copy + staging dH + (logits chunk, or dH once the sweep has ended)
     peak = 2 * n * d * es + max(rows * v * es, 0) + row_vectors(n)
-    if shape.trainable:
+    if shape.trainable and es != 4:
         peak += v * d * 4 + v * d * es  # fp32 accumulator and the per-chunk temporary
         hbm += v * d * (4 + es)
     return _finish("ours_before", shape, gpu, peak, hbm, flops, rows, chunks, shape.dtype)
@@ -195,7 +196,7 @@ def liger(shape: Shape, gpu: str = "H100") -> Estimate:
             hbm += k * v * es + k * d * es + 2 * v * d * 4
             flops += 2 * k * v * d
     peak = rows * v * es + rows * d * es + n * 4
-    if shape.trainable:
+    if shape.trainable and es != 4:
         peak += v * d * 4
     return _finish("liger", shape, gpu, peak, hbm, flops, rows, chunks, shape.dtype)
 
