@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.harness import ROOT, fmt_bytes, measure, peak_bytes, reset_peak, run_isolated
@@ -353,15 +354,17 @@ def compare_main(args: argparse.Namespace, modes: list[bool], command: str) -> N
         if baseline is None:
             print(f"building the baseline {args.baseline} in {scratch}", flush=True)
             baseline = baseline_tree(args.baseline, Path(scratch))
+        baseline = str(baseline)
         for vocab in args.vocab:
             for trainable in modes:
                 flags = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(vocab)]
                 flags += ["--trainable" if trainable else "--frozen", "--repeats"]
                 flags += [str(args.repeats), "--worker", "options", "--configs", "off"]
-                base = run_isolated(
-                    "benchmarks.bench_cross_entropy", flags, env={PACKAGE_ENV: str(baseline)}
-                )
-                ours = run_isolated("benchmarks.bench_cross_entropy", flags)
+                module = "benchmarks.bench_cross_entropy"
+                with ThreadPoolExecutor(max_workers=2 if args.concurrent else 1) as pool:
+                    base = pool.submit(run_isolated, module, flags, env={PACKAGE_ENV: baseline})
+                    ours = pool.submit(run_isolated, module, flags)
+                    base, ours = base.result(), ours.result()
                 print(json.dumps({"ours": ours, "baseline": base}), flush=True)
                 section = compare_table(ours, base, args.n, args.d, vocab, trainable)
                 print(section, flush=True)
@@ -369,10 +372,12 @@ def compare_main(args: argparse.Namespace, modes: list[bool], command: str) -> N
                 results.append(
                     {"vocab": vocab, "trainable": trainable, "ours": ours, "baseline": base}
                 )
+    together = " running at the same time (the same machine load)" if args.concurrent else ""
     header = (
         f"Command: `{command}`\n\nBaseline: git revision `{args.baseline}`. One process per "
-        "tree (the fused op, every option off, and its floor interleaved; the peak is that of "
-        "the first call). × baseline compares the × floor ratios of the two processes.\n\n"
+        f"tree{together} (the fused op, every option off, and its floor interleaved; the peak "
+        "is that of the first call). × baseline compares the × floor ratios of the two "
+        "processes.\n\n"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = "\n".join(sections)
@@ -438,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--append", action="store_true", help="compare mode: add to the results file"
+    )
+    parser.add_argument(
+        "--concurrent", action="store_true", help="compare mode: run both trees at once"
     )
     parser.add_argument(
         "--baseline", default="main", help="options/compare mode: git revision to compare"

@@ -56,3 +56,32 @@ def test_cross_entropy_options_page(tmp_path):
     assert ours["off"]["value"] == base["off"]["value"] > 0
     assert ours["on"]["value"] != ours["off"]["value"]
     assert "smoothing + z-loss + accuracy" in out.read_text()
+
+
+def test_cross_entropy_compare_page_imports_the_baseline_package(tmp_path):
+    """Compare mode at a tiny shape; the baseline worker imports the package of --baseline-dir
+    (a link to this tree's here), not this tree's."""
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    (baseline / "unlearn_kernels").symlink_to(ROOT / "unlearn_kernels")
+    out = tmp_path / "compare.md"
+    shape = ["--n", "600", "--d", "16", "--vocab", "300", "--repeats", "1", "--frozen"]
+    bench_cross_entropy.main(
+        [
+            *shape,
+            "--compare",
+            "--baseline",
+            "HEAD",
+            "--baseline-dir",
+            str(baseline),
+            "--out",
+            str(out),
+        ]
+    )
+    ((result,),) = [run["results"] for run in json.loads(out.with_suffix(".json").read_text())]
+    ours, base = result["ours"], result["baseline"]
+    assert base["package"].startswith(str(baseline)) and not ours["package"].startswith(
+        str(baseline)
+    )
+    assert ours["off"]["value"] == base["off"]["value"] > 0
+    assert "| this tree |" in out.read_text()
