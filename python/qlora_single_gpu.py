@@ -23,7 +23,7 @@ LoRA r = 16:
     optimizer         0.09 GB
     checkpoints       0.54 GB
     one layer         0.68 GB
-    fused loss        0.31 GB
+    fused loss        0.68 GB
     total             7.67 GB
 
 (the total counts the larger of "one layer" and "fused loss": they are never alive together),
