@@ -227,6 +227,14 @@ def baseline_tree(revision: str, directory: Path) -> Path:
     return directory
 
 
+def baseline_source(args: argparse.Namespace, scratch: Path) -> Path:
+    """``--baseline-dir`` when given, else ``--baseline`` built in ``scratch``."""
+    if args.baseline_dir:
+        return Path(args.baseline_dir)
+    print(f"building the baseline {args.baseline} in {scratch}", flush=True)
+    return baseline_tree(args.baseline, scratch)
+
+
 def options_table(ours: dict, base: dict, n: int, d: int, vocab: int, trainable: bool) -> str:
     """Ratios of fastest runs: each × its process's floor, on × off, this tree × baseline."""
     title = f"N={n}, d={d}, V={vocab}, fp32, {'trainable' if trainable else 'frozen'} weight"
@@ -266,10 +274,7 @@ def options_main(args: argparse.Namespace, modes: list[bool], command: str) -> N
     """``--options``: this tree's options off/on against the baseline revision's options off."""
     results, sections = [], []
     with tempfile.TemporaryDirectory(prefix="uk-baseline-") as scratch:
-        baseline = Path(args.baseline_dir) if args.baseline_dir else None
-        if baseline is None:
-            print(f"building the baseline {args.baseline} in {scratch}", flush=True)
-            baseline = baseline_tree(args.baseline, Path(scratch))
+        baseline = baseline_source(args, Path(scratch))
         for vocab in args.vocab:
             for trainable in modes:
                 flags = ["--n", str(args.n), "--d", str(args.d), "--vocab", str(vocab)]
@@ -350,10 +355,7 @@ def compare_main(args: argparse.Namespace, modes: list[bool], command: str) -> N
     """``--compare``: this tree's fused op against the baseline revision's, options off."""
     results, sections = [], []
     with tempfile.TemporaryDirectory(prefix="uk-baseline-") as scratch:
-        baseline = Path(args.baseline_dir) if args.baseline_dir else None
-        if baseline is None:
-            print(f"building the baseline {args.baseline} in {scratch}", flush=True)
-            baseline = baseline_tree(args.baseline, Path(scratch))
+        baseline = baseline_source(args, Path(scratch))
         baseline = str(baseline)
         for vocab in args.vocab:
             for trainable in modes:
