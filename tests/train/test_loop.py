@@ -85,8 +85,9 @@ def test_grad_accum_is_one_large_batch(world, tmp_path):
             assert x[key] == pytest.approx(y[key], rel=1e-5)
     ta, tb = adapter_tensors(tmp_path / "a"), adapter_tensors(tmp_path / "b")
     for name in ta:
-        # fp32 sums in another order, through two Adam steps (g/√v amplifies tiny differences)
-        torch.testing.assert_close(ta[name], tb[name], rtol=1e-3, atol=1e-6)
+        # fp32 sums in another order, through two Adam steps (g/√v amplifies tiny differences;
+        # atol 1e-5 is 0.1% of one step at lr 1e-2)
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-3, atol=1e-5)
 
 
 def test_eval_hook_sees_every_interval_without_touching_the_rng(world, tmp_path):
@@ -218,11 +219,14 @@ def test_kill_9_and_resume_is_bit_identical(world, tmp_path, method, sections, k
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    drop = {"seconds"}
-    ma = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "killed")]
-    mb = [{k: v for k, v in m.items() if k not in drop} for m in read_metrics(tmp_path / "whole")]
-    assert ma[1:] == mb  # the killed run's first line is its step-0 evaluation
-    assert [m["step"] for m in ma] == list(range(9))
+
+    # the killer's hook logs nothing, the CLI's built-in probe eval/...: compare the rest
+    def kept(out: Path) -> list[dict]:
+        lines = read_metrics(out)
+        return [{k: v for k, v in m.items() if k != "seconds" and "/" not in k} for m in lines]
+
+    assert kept(tmp_path / "killed") == kept(tmp_path / "whole")
+    assert [m["step"] for m in kept(tmp_path / "killed")] == list(range(9))
 
 
 # ---- configs -----------------------------------------------------------------------------
