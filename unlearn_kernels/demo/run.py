@@ -39,7 +39,7 @@ class MethodSettings:
     """One method's unlearning run: steps, learning rate, LoRA rank/alpha/modules, examples per
     set per step, the method's own keys."""
 
-    steps: int = 50
+    steps: int = 60
     lr: float = 5e-4
     r: int = 8
     alpha: float = 16.0
@@ -50,7 +50,7 @@ class MethodSettings:
 
 #: The calibrated settings (docs/demo.md): NGDiff's reach the goals on forget01; the baselines
 #: run with the same steps, learning rate, LoRA and batch for a like-for-like row.
-CALIBRATED = MethodSettings(steps=50, lr=5e-4, r=8, alpha=16.0, batch_size=16)
+CALIBRATED = MethodSettings(steps=60, lr=5e-4, r=8, alpha=16.0, batch_size=16)
 METHODS: dict[str, MethodSettings] = dict.fromkeys(METHOD_NAMES, CALIBRATED)
 
 #: The keys of every results record (results.json / results.csv), in order.
